@@ -1,0 +1,1 @@
+"""Provenance store: SQLModel tables, engines, migrations and queries."""

@@ -1,0 +1,1 @@
+"""Orchestration: Prefect flows, settings and the command line."""

@@ -1,0 +1,1 @@
+"""Image-processing steps: plain functions plus thin Prefect task wrappers."""
