@@ -1,0 +1,687 @@
+"""Deterministic synthetic prostate mpMRI exams written as real DICOM, with exact ground truth.
+
+Every random choice for one exam is drawn once, by :func:`plan_exam`, into a frozen
+:class:`ExamPlan`. :func:`generate_exam` is a pure function of the plan (its noise comes from
+a generator seeded with the plan's seed and index), so the same plan always gives
+byte-identical files, and tests change a choice with
+``dataclasses.replace(plan, noise_sigma_dwi=0.0)``.
+
+Coordinates and axis order
+--------------------------
+Physical coordinates are LPS (DICOM patient coordinates: +x patient left, +y posterior,
++z superior), in mm. Grids use ITK index order (x, y, z); numpy arrays here are (z, y, x), the
+order ``sitk.GetArrayFromImage`` returns. "Anatomy space" is the physical space of the axial
+T2-weighted series. The anatomy is defined analytically there (body = elliptic cylinder along
+z, subcutaneous fat, muscle, pelvic fat, rectum, prostate ellipsoid split into transition zone
+(TZ) and peripheral zone (PZ), optional spherical lesion in the PZ). Tissue labels are
+evaluated at voxel centres (no partial volume), so every voxel holds one tissue and the truth
+is exact.
+
+Transform convention
+--------------------
+A DWI voxel of volume b at physical point y samples the anatomy at ``A @ M_b @ y``
+(homogeneous 4x4, mm). ``M_b`` ("motion") maps volume b's physical space to the physical
+space of the reference volume (the lowest b) and is the identity for the lowest b. ``A``
+("dwi_to_t2") maps the reference DWI physical space to T2 (anatomy) physical space. An
+ITK/elastix transform maps fixed points to moving points, so with fixed = reference DWI and
+moving = volume b it should equal inv(M_b); with fixed = T2 and moving = reference DWI it
+should equal inv(A); ``sitk.Resample(t2_image, dwi_reference, A)`` puts T2 data on the DWI
+grid. Both are built about the gland centre c as ``T(c + t) @ R @ S @ H @ T(-c)`` with
+``R = Rz @ Ry @ Rx`` (angles in degrees about the LPS axes), ``S = diag(scale)`` and
+``H = [[1, h_xy, h_xz], [0, 1, h_yz], [0, 0, 1]]``; motion is rigid (S = H = I).
+
+Signal model
+------------
+T2W at point p: ``T2[tissue(p)] * bias(p)``. DWI volume b at y:
+``S0[tissue(A @ M_b @ y)] * exp(-b * ADC[tissue]) * bias(y)`` (b in s/mm², ADC in mm²/s).
+``bias`` is a smooth receive-coil field defined in scanner (image physical) coordinates:
+``exp(poly2((p - bias_center) / 100 mm))``, scaled so that max |log bias| = 0.3 over the body;
+every DWI volume sees the same field. Noise is Rician (magnitude of signal plus complex
+Gaussian noise of sigma ``noise_sigma_t2`` / ``noise_sigma_dwi``). Pixels are uint16
+(rounded, clipped to 0..65535). The scanner ADC series is a log-linear least-squares fit over
+all b of the noisy, moved DWI, in 1e-6 mm²/s, zero where the lowest-b signal is below
+4 * noise sigma.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import InputError
+from tasks.io import write_image_atomic, write_json_atomic
+from tasks.synthetic_dicom import (
+    CORONAL,
+    ORIENTATIONS,
+    SAGITTAL,
+    Grid,
+    Volume,
+    study_folder_name,
+    write_exam_series,
+)
+
+VENDORS: tuple[str, ...] = ("siemens", "ge", "philips", "standard")
+
+AIR, FAT, MUSCLE, RECTUM, PZ, TZ, LESION = range(7)
+GLAND_LABELS = (PZ, TZ, LESION)
+
+
+@dataclass(frozen=True)
+class Tissue:
+    """One tissue: T2W signal and DWI b=0 signal S0 (arbitrary units), ADC (mm²/s)."""
+
+    name: str
+    t2: float
+    s0: float
+    adc_mm2_s: float
+
+
+#: Tissue parameters indexed by label (AIR = 0 ... LESION = 6).
+TISSUES: tuple[Tissue, ...] = (
+    Tissue("air", 0.0, 0.0, 0.0),
+    Tissue("fat", 350.0, 40.0, 0.3e-3),
+    Tissue("muscle", 90.0, 300.0, 1.4e-3),
+    Tissue("rectum", 120.0, 200.0, 1.0e-3),
+    Tissue("pz", 330.0, 600.0, 1.6e-3),
+    Tissue("tz", 180.0, 500.0, 1.2e-3),
+    Tissue("lesion", 110.0, 550.0, 0.8e-3),
+)
+_T2 = np.array([t.t2 for t in TISSUES])
+_S0 = np.array([t.s0 for t in TISSUES])
+_ADC = np.array([t.adc_mm2_s for t in TISSUES])
+
+T2_SIZE, T2_SPACING = (384, 384, 20), (0.5, 0.5, 3.0)
+DWI_SIZE, DWI_SPACING = (128, 128, 20), (2.0, 2.0, 3.0)
+PLANE_SIZE, PLANE_SPACING = (256, 256, 15), (0.7, 0.7, 4.0)  # sagittal and coronal T2
+LOCALIZER_SIZE, LOCALIZER_SPACING = (256, 256, 1), (1.0, 1.0, 8.0)
+BIAS_SCALE_MM = 100.0
+BIAS_LOG_RANGE = 0.3
+BIAS_QUANTUM = 1e-3
+ADC_MASK_SIGMAS = 4.0
+SUBCUTANEOUS_FAT_MM = 20.0
+_NOISE_STREAM = 1  # extra seed word: noise never shares the plan's random stream
+
+_LAST_NAMES = ("Jansen", "Smith", "Peeters", "Novak", "Rossi", "Larsen", "Dubois", "Visser")
+_FIRST_NAMES = ("Jan", "Peter", "John", "Luca", "Erik", "Pierre", "Tomasz", "Henk")
+
+Vec3 = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ExamPlan:
+    """Every choice for one synthetic exam. Lengths in mm, angles in degrees, LPS points.
+
+    Body, pelvic fat and rectum are elliptic cylinders along z given by an (x, y) centre and
+    semi-axes; gland and TZ are axis-aligned ellipsoids; the lesion is a sphere (clipped to
+    the PZ). ``motion_*`` hold one entry per b-value (same order as ``b_values``; the first,
+    lowest b is the identity). ``dwi_to_t2_shear`` is (h_xy, h_xz, h_yz). ``bias_coefficients``
+    multiply (x, y, z, x², y², z², xy, xz, yz) of ``(p - bias_center_mm) / 100 mm``.
+    ``messy_names`` gives folder names with spaces and dots; ``siemens_bvalue_ob`` writes the
+    Siemens b-value as OB bytes; ``ge_bvalue_offset`` adds 1e9 to the GE b-value.
+    """
+
+    seed: int
+    index: int
+    patient_folder: str
+    vendor: str
+    field_strength_t: float
+    b_values: tuple[int, ...]
+    has_scanner_adc: bool
+    has_lesion: bool
+    obliquity_deg: float
+    gland_center_mm: Vec3
+    gland_semi_axes_mm: Vec3
+    tz_center_mm: Vec3
+    tz_semi_axes_mm: Vec3
+    lesion_center_mm: Vec3
+    lesion_radius_mm: float
+    body_center_mm: tuple[float, float]
+    body_semi_axes_mm: tuple[float, float]
+    pelvic_fat_center_mm: tuple[float, float]
+    pelvic_fat_semi_axes_mm: tuple[float, float]
+    rectum_center_mm: tuple[float, float]
+    rectum_semi_axes_mm: tuple[float, float]
+    t2_center_mm: Vec3
+    dwi_center_mm: Vec3
+    noise_sigma_t2: float
+    noise_sigma_dwi: float
+    bias_center_mm: Vec3
+    bias_coefficients: tuple[float, ...]
+    motion_rotation_deg: tuple[Vec3, ...]
+    motion_translation_mm: tuple[Vec3, ...]
+    dwi_to_t2_rotation_deg: Vec3
+    dwi_to_t2_translation_mm: Vec3
+    dwi_to_t2_scale: Vec3
+    dwi_to_t2_shear: Vec3
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    accession: str
+    study_date: str
+    study_time: str
+    messy_names: bool
+    siemens_bvalue_ob: bool
+    ge_bvalue_offset: bool
+
+
+@dataclass(frozen=True)
+class SyntheticExam:
+    """One generated exam: ``dicom_dir`` = <root>/dicom/<patient_folder>, truth beside it."""
+
+    patient_folder: str
+    dicom_dir: Path
+    truth_dir: Path
+    truth_json: Path
+    plan: ExamPlan
+
+
+def plan_exam(seed: int, index: int) -> ExamPlan:
+    """Draw every choice for exam ``index`` (0-based) of the cohort ``seed``.
+
+    Deterministic: the generator is ``np.random.default_rng([seed, index])``. Structural
+    choices follow the index so any few consecutive exams cover them: vendor =
+    ``VENDORS[index % 4]``; b1000 unless ``index % 3 == 2``; a scanner ADC and a lesion for
+    about half the exams, patterns chosen so 8 consecutive exams pair every vendor with and
+    without each; messy folder names when ``index % 3 == 1``; Siemens b-values as OB bytes
+    and GE b-values with the 1e9 offset on alternating visits of that vendor.
+
+    Raises
+    ------
+    InputError
+        If ``seed`` or ``index`` is negative.
+    """
+    if seed < 0 or index < 0:
+        raise InputError(f"seed and index must be >= 0, got {seed}, {index}", step="synthetic")
+    rng = np.random.default_rng([seed, index])
+
+    def uniform(low: float, high: float, n: int = 3) -> tuple[float, ...]:
+        return tuple(round(float(v), 4) for v in rng.uniform(low, high, n))
+
+    field = float(rng.choice([1.5, 3.0]))
+    b_values = [int(rng.choice([0, 50])), 400, 800]
+    b_values += [1000] if index % 3 != 2 else []
+    b_values += [1400] if rng.random() < 0.4 else []
+    gland = np.array(uniform(-8, 8))
+    a, b, c = (np.array([24.0, 18.0, 21.0]) * rng.uniform(0.9, 1.1, 3)).round(4)
+    tz_center = gland + (0.0, -0.25 * b, 0.1 * c)
+    phi = np.deg2rad(rng.uniform(-60, 60))  # lesion direction in the axial plane, 0 = posterior
+    lesion_center = gland + 0.72 * np.array([a * np.sin(phi), b * np.cos(phi), 0.0])
+    lesion_center[2] += rng.uniform(-0.35, 0.35) * c
+    lesion_radius = (3 * rng.uniform(300, 1000) / (4 * np.pi)) ** (1 / 3)
+    body_center = gland[:2] + (0.0, -15.0) + uniform(-5, 5, 2)
+    body_semi = (*uniform(100, 120, 1), *uniform(80, 92, 1))
+    rectum_semi = (15.0, 13.0)
+    rectum_center = (gland[0] + uniform(-3, 3, 1)[0], gland[1] + b + 3.0 + rectum_semi[1])
+    bias_center = gland + uniform(-20, 20)
+    sigma_t2 = uniform(6, 12, 1)[0]
+    pz_b800 = TISSUES[PZ].s0 * np.exp(-800 * TISSUES[PZ].adc_mm2_s)
+    sigma_dwi = round(float(pz_b800 / rng.uniform(10, 20)), 4)
+    n_b = len(b_values)
+    rotations = [(0.0, 0.0, 0.0)] + [uniform(-2, 2) for _ in range(n_b - 1)]
+    translations = [(0.0, 0.0, 0.0)] + [uniform(-2, 2) for _ in range(n_b - 1)]
+    raw_bias = rng.normal(size=9)
+    birth = datetime.date(1940, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 9000)))
+    study = datetime.date(2009, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 2900)))
+    visit = index // len(VENDORS)
+    plan = ExamPlan(
+        seed=seed,
+        index=index,
+        patient_folder=f"SYN-{index + 1:04d}",
+        vendor=VENDORS[index % len(VENDORS)],
+        field_strength_t=field,
+        b_values=tuple(b_values),
+        has_scanner_adc=(index + visit) % 2 == 0,
+        has_lesion=(index % 4 in (0, 3)) != (visit % 2 == 1),
+        obliquity_deg=uniform(0, 10, 1)[0],
+        gland_center_mm=_vec(gland),
+        gland_semi_axes_mm=_vec((a, b, c)),
+        tz_center_mm=_vec(tz_center),
+        tz_semi_axes_mm=_vec((0.6 * a, 0.55 * b, 0.7 * c)),
+        lesion_center_mm=_vec(lesion_center),
+        lesion_radius_mm=round(float(lesion_radius), 4),
+        body_center_mm=(round(float(body_center[0]), 4), round(float(body_center[1]), 4)),
+        body_semi_axes_mm=body_semi,
+        pelvic_fat_center_mm=(float(gland[0]), round(float(gland[1] + 12.0), 4)),
+        pelvic_fat_semi_axes_mm=(round(float(a + 20.0), 4), round(float(b + 27.0), 4)),
+        rectum_center_mm=(round(float(rectum_center[0]), 4), round(float(rectum_center[1]), 4)),
+        rectum_semi_axes_mm=rectum_semi,
+        t2_center_mm=_vec(gland + uniform(-3, 3)),
+        dwi_center_mm=_vec(gland + uniform(-3, 3)),
+        noise_sigma_t2=sigma_t2,
+        noise_sigma_dwi=sigma_dwi,
+        bias_center_mm=_vec(bias_center),
+        bias_coefficients=(),
+        motion_rotation_deg=tuple(rotations),
+        motion_translation_mm=tuple(translations),
+        dwi_to_t2_rotation_deg=uniform(-3, 3),
+        dwi_to_t2_translation_mm=uniform(-4, 4),
+        dwi_to_t2_scale=uniform(0.97, 1.03),
+        dwi_to_t2_shear=uniform(-0.02, 0.02),
+        patient_name=f"{_LAST_NAMES[rng.integers(8)]}^{_FIRST_NAMES[rng.integers(8)]}",
+        patient_id=str(rng.integers(100_000_000, 1_000_000_000)),
+        birth_date=birth.strftime("%Y%m%d"),
+        accession=str(rng.integers(10_000_000, 100_000_000)),
+        study_date=study.strftime("%Y%m%d"),
+        study_time=f"{rng.integers(7, 19):02d}{rng.integers(0, 60):02d}{rng.integers(0, 60):02d}",
+        messy_names=index % 3 == 1,
+        siemens_bvalue_ob=visit % 2 == 1,
+        ge_bvalue_offset=visit % 2 == 0,
+    )
+    return _with_normalised_bias(plan, raw_bias)
+
+
+def _vec(values: np.ndarray | tuple[float, ...]) -> Vec3:
+    x, y, z = (round(float(v), 4) for v in values)
+    return (x, y, z)
+
+
+def _with_normalised_bias(plan: ExamPlan, raw: np.ndarray) -> ExamPlan:
+    """Scale raw bias coefficients so max |log bias| = BIAS_LOG_RANGE over the body."""
+    (bx, by), (sx, sy) = plan.body_center_mm, plan.body_semi_axes_mm
+    gx, gy = np.meshgrid(np.linspace(-1, 1, 15), np.linspace(-1, 1, 15), indexing="ij")
+    inside = gx**2 + gy**2 <= 1
+    xs, ys = bx + sx * gx[inside], by + sy * gy[inside]
+    zs = plan.gland_center_mm[2] + np.linspace(-35, 35, 5)
+    points = np.stack([np.tile(xs, zs.size), np.tile(ys, zs.size), np.repeat(zs, xs.size)]).astype(
+        float
+    )
+    log_unit = _bias_log(plan.bias_center_mm, tuple(raw), points)
+    scale = BIAS_LOG_RANGE / np.abs(log_unit).max()
+    coefficients = tuple(round(float(v * scale), 6) for v in raw)
+    return dataclasses.replace(plan, bias_coefficients=coefficients)
+
+
+def rotation_matrix(angles_deg: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    """3x3 rotation ``Rz @ Ry @ Rx`` for angles (degrees) about the LPS x, y, z axes."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=float))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def affine_about(
+    center: Vec3,
+    rotation_deg: Vec3,
+    translation_mm: Vec3,
+    scale: Vec3 = (1.0, 1.0, 1.0),
+    shear: Vec3 = (0.0, 0.0, 0.0),
+) -> np.ndarray:
+    """4x4 ``T(c + t) @ R @ S @ H @ T(-c)`` (module docstring); points in mm."""
+    h_xy, h_xz, h_yz = shear
+    linear = (
+        rotation_matrix(rotation_deg)
+        @ np.diag(scale)
+        @ np.array([[1.0, h_xy, h_xz], [0.0, 1.0, h_yz], [0.0, 0.0, 1.0]])
+    )
+    center_ = np.asarray(center, dtype=float)
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = center_ + np.asarray(translation_mm, dtype=float) - linear @ center_
+    return affine
+
+
+def motion_matrix(plan: ExamPlan, b_index: int) -> np.ndarray:
+    """``M_b`` for ``plan.b_values[b_index]``: volume-b space -> reference DWI space (4x4)."""
+    return affine_about(
+        plan.gland_center_mm,
+        plan.motion_rotation_deg[b_index],
+        plan.motion_translation_mm[b_index],
+    )
+
+
+def dwi_to_t2_matrix(plan: ExamPlan) -> np.ndarray:
+    """``A``: reference DWI physical space -> T2 (anatomy) physical space (4x4)."""
+    return affine_about(
+        plan.gland_center_mm,
+        plan.dwi_to_t2_rotation_deg,
+        plan.dwi_to_t2_translation_mm,
+        plan.dwi_to_t2_scale,
+        plan.dwi_to_t2_shear,
+    )
+
+
+def axial_direction(obliquity_deg: float) -> np.ndarray:
+    """Axial stack tilted about the L-R axis: rows ~ +x, columns ~ +y, normal ~ +z."""
+    return rotation_matrix((obliquity_deg, 0.0, 0.0))
+
+
+def exam_grids(plan: ExamPlan) -> dict[str, Grid]:
+    """All image grids of the exam (T2 and DWI share the oblique axial direction)."""
+    axial = axial_direction(plan.obliquity_deg)
+    center = plan.gland_center_mm
+    return {
+        "t2": Grid.centered(T2_SIZE, T2_SPACING, axial, plan.t2_center_mm),
+        "dwi": Grid.centered(DWI_SIZE, DWI_SPACING, axial, plan.dwi_center_mm),
+        "sagittal": Grid.centered(PLANE_SIZE, PLANE_SPACING, SAGITTAL, plan.t2_center_mm),
+        "coronal": Grid.centered(PLANE_SIZE, PLANE_SPACING, CORONAL, plan.t2_center_mm),
+        "localizer_axial": Grid.centered(LOCALIZER_SIZE, LOCALIZER_SPACING, np.eye(3), center),
+        "localizer_sagittal": Grid.centered(LOCALIZER_SIZE, LOCALIZER_SPACING, SAGITTAL, center),
+        "localizer_coronal": Grid.centered(LOCALIZER_SIZE, LOCALIZER_SPACING, CORONAL, center),
+    }
+
+
+def _inside_ellipse(
+    x: np.ndarray, y: np.ndarray, center: Sequence[float], semi: Sequence[float]
+) -> np.ndarray:
+    return ((x - center[0]) / semi[0]) ** 2 + ((y - center[1]) / semi[1]) ** 2 <= 1.0
+
+
+def _inside_ellipsoid(
+    points: np.ndarray, center: Sequence[float], semi: Sequence[float]
+) -> np.ndarray:
+    x, y, z = points
+    return (
+        ((x - center[0]) / semi[0]) ** 2
+        + ((y - center[1]) / semi[1]) ** 2
+        + ((z - center[2]) / semi[2]) ** 2
+    ) <= 1.0
+
+
+def tissue_labels(plan: ExamPlan, points: np.ndarray) -> np.ndarray:
+    """Tissue label (uint8, see :data:`TISSUES`) at each anatomy-space point.
+
+    ``points`` has shape (3, ...) holding LPS x, y, z in mm; the result has shape ``...``.
+    """
+    x, y = points[0], points[1]
+    labels = np.zeros(x.shape, dtype=np.uint8)
+    inner = tuple(s - SUBCUTANEOUS_FAT_MM for s in plan.body_semi_axes_mm)
+    labels[_inside_ellipse(x, y, plan.body_center_mm, plan.body_semi_axes_mm)] = FAT
+    labels[_inside_ellipse(x, y, plan.body_center_mm, inner)] = MUSCLE
+    labels[_inside_ellipse(x, y, plan.pelvic_fat_center_mm, plan.pelvic_fat_semi_axes_mm)] = FAT
+    labels[_inside_ellipse(x, y, plan.rectum_center_mm, plan.rectum_semi_axes_mm)] = RECTUM
+    labels[_inside_ellipsoid(points, plan.gland_center_mm, plan.gland_semi_axes_mm)] = PZ
+    labels[_inside_ellipsoid(points, plan.tz_center_mm, plan.tz_semi_axes_mm)] = TZ
+    if plan.has_lesion:
+        radius = (plan.lesion_radius_mm,) * 3
+        lesion = _inside_ellipsoid(points, plan.lesion_center_mm, radius) & (labels == PZ)
+        labels[lesion] = LESION
+    return labels
+
+
+def _bias_log(center: Vec3, coefficients: tuple[float, ...], points: np.ndarray) -> np.ndarray:
+    offset = np.asarray(center, dtype=float).reshape((3,) + (1,) * (points.ndim - 1))
+    x, y, z = (points - offset) / BIAS_SCALE_MM
+    terms = (x, y, z, x * x, y * y, z * z, x * y, x * z, y * z)
+    return sum(a * t for a, t in zip(coefficients, terms, strict=True))
+
+
+def bias_field(plan: ExamPlan, grid: Grid) -> np.ndarray:
+    """Multiplicative receive field on a grid's voxel centres, (z, y, x) float64.
+
+    The field is defined in scanner (image physical) coordinates, so a grid's own points are
+    used whatever the patient did. Values are rounded to multiples of :data:`BIAS_QUANTUM`
+    (the rounded field is the one applied and saved, so truth stays exact and compresses).
+    """
+    # The quadratic in u = (p - center) / scale is a quadratic in the voxel index (i, j, k),
+    # summed from small broadcast terms instead of evaluated on three full point arrays.
+    a = np.asarray(plan.bias_coefficients, dtype=float)
+    linear = a[:3]
+    quad = np.array(
+        [[a[3], a[6] / 2, a[7] / 2], [a[6] / 2, a[4], a[8] / 2], [a[7] / 2, a[8] / 2, a[5]]]
+    )
+    affine = grid.index_to_physical()
+    n = affine[:3, :3] / BIAS_SCALE_MM
+    u0 = (affine[:3, 3] - np.asarray(plan.bias_center_mm)) / BIAS_SCALE_MM
+    g = n.T @ (linear + 2 * quad @ u0)
+    q = n.T @ quad @ n
+    nx, ny, nz = grid.size
+    i = np.arange(nx, dtype=float)[None, None, :]
+    j = np.arange(ny, dtype=float)[None, :, None]
+    k = np.arange(nz, dtype=float)[:, None, None]
+    log = (
+        (linear @ u0 + u0 @ quad @ u0 + g[2] * k + q[2, 2] * k * k)
+        + (g[1] * j + q[1, 1] * j * j + 2 * q[1, 2] * j * k)
+        + (g[0] * i + q[0, 0] * i * i + 2 * q[0, 1] * i * j)
+        + 2 * q[0, 2] * i * k
+    )
+    return np.round(np.exp(log) / BIAS_QUANTUM) * BIAS_QUANTUM
+
+
+def _magnitude(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Rician magnitude |signal + n_re + i n_im| (noise sigma ``sigma``), as uint16."""
+    if sigma > 0:
+        real = signal + sigma * rng.standard_normal(signal.shape, dtype=np.float32)
+        signal = np.hypot(real, sigma * rng.standard_normal(signal.shape, dtype=np.float32))
+    return np.clip(np.rint(signal), 0, 65535).astype(np.uint16)
+
+
+def fit_scanner_adc(
+    volumes: list[np.ndarray], b_values: tuple[int, ...], threshold: float
+) -> np.ndarray:
+    """Log-linear least-squares ADC over all b, in 1e-6 mm²/s (uint16), like a scanner map.
+
+    ``volumes`` are (z, y, x) magnitude images in ``b_values`` order; voxels whose first
+    (lowest-b) signal is at or below ``threshold`` are set to 0.
+    """
+    b = np.asarray(b_values, dtype=float)
+    weights = (b - b.mean()) / np.sum((b - b.mean()) ** 2)
+    logs = np.log(np.maximum(np.stack(volumes).astype(float), 1.0))
+    adc = -np.tensordot(weights, logs, axes=1) * 1e6
+    adc[volumes[0] <= threshold] = 0.0
+    return np.clip(np.rint(adc), 0, 65535).astype(np.uint16)
+
+
+CONVENTION = (
+    "LPS mm, 4x4 row-major homogeneous matrices acting on column vectors. A DWI voxel of "
+    "volume b at physical point y samples anatomy (T2 physical space) at dwi_to_t2 @ "
+    "motion[b] @ y. motion[b] maps volume-b physical space to the reference (lowest-b) DWI "
+    "physical space (identity for the lowest b); dwi_to_t2 maps reference DWI physical space "
+    "to T2 physical space. An ITK/elastix transform (fixed points -> moving points) with "
+    "fixed = reference DWI, moving = volume b equals inv(motion[b]); with fixed = T2, "
+    "moving = reference DWI it equals inv(dwi_to_t2)."
+)
+
+
+def _check_plan(plan: ExamPlan) -> None:
+    """Reject plans that :func:`generate_exam` cannot honour (e.g. after a bad ``replace``)."""
+    n_b = len(plan.b_values)
+    problems = []
+    if plan.vendor not in VENDORS:
+        problems.append(f"vendor {plan.vendor!r} is not one of {VENDORS}")
+    if n_b < 2 or any(lo >= hi for lo, hi in itertools.pairwise(plan.b_values)):
+        problems.append(f"b_values {plan.b_values} must be >= 2 strictly ascending values")
+    if len(plan.motion_rotation_deg) != n_b or len(plan.motion_translation_mm) != n_b:
+        problems.append("motion_rotation_deg / motion_translation_mm need one entry per b")
+    elif any(plan.motion_rotation_deg[0]) or any(plan.motion_translation_mm[0]):
+        problems.append("the lowest b is the motion reference: its motion must be zero")
+    if plan.noise_sigma_t2 < 0 or plan.noise_sigma_dwi < 0:
+        problems.append("noise sigmas must be >= 0")
+    if len(plan.bias_coefficients) != 9:
+        problems.append("bias_coefficients needs 9 values")
+    if plan.patient_id == plan.patient_folder:
+        problems.append("patient_id must differ from the folder name (pseudonymisation tests)")
+    if problems:
+        raise InputError(
+            "; ".join(problems),
+            patient=plan.patient_folder,
+            step="synthetic",
+            hint="start from plan_exam(seed, index) and change fields consistently",
+        )
+
+
+def _render_t2(plan: ExamPlan, grid: Grid, rng: np.random.Generator) -> Volume:
+    """T2W image on a grid acquired in anatomy space (T2 session: scanner = anatomy)."""
+    points = grid.points()
+    signal = _T2[tissue_labels(plan, points)] * bias_field(plan, grid)
+    return Volume(grid, _magnitude(signal, plan.noise_sigma_t2, rng))
+
+
+def generate_exam(root: Path, plan: ExamPlan) -> SyntheticExam:
+    """Write one exam's DICOM series and ground truth under ``root``.
+
+    Parameters
+    ----------
+    root
+        Cohort folder; created if missing. Existing files of this exam are overwritten.
+    plan
+        Choices from :func:`plan_exam`, possibly changed with ``dataclasses.replace``.
+
+    Returns
+    -------
+    SyntheticExam
+        Paths of the exam's DICOM and truth folders and of ``truth.json``.
+
+    Raises
+    ------
+    InputError
+        If the plan is inconsistent (see :func:`_check_plan`).
+
+    Outputs
+    -------
+    ``<root>/dicom/<patient_folder>/<study folder>/<series folder>/<n>.dcm``: localizer
+    (3 slices: axial, sagittal, coronal), sagittal T2, coronal T2, oblique axial T2W, DWI
+    (vendor layout, see :mod:`tasks.synthetic_dicom`), optional scanner ADC.
+    ``<root>/truth/<patient_folder>/``: on the T2 grid ``t2_tissue`` (labels of
+    :data:`TISSUES`), ``t2_gland_mask``, ``t2_zones`` (1 = PZ incl. lesion, 2 = TZ),
+    ``t2_lesion_mask`` (with a lesion), ``t2_bias``, ``adc_true_t2`` (mm²/s); on the reference
+    DWI grid ``dwi_tissue``, ``dwi_gland_mask``, ``dwi_bias``, ``adc_true_dwi`` (mm²/s),
+    ``s0_true_dwi`` (S0 * bias) and ``b1000_true_dwi`` (S0 * bias * exp(-1000 ADC)), all
+    noise- and motion-free ``.nii.gz``; and ``truth.json``.
+    """
+    _check_plan(plan)
+    root = Path(root)
+    dicom_dir = root / "dicom" / plan.patient_folder
+    truth_dir = root / "truth" / plan.patient_folder
+    grids = exam_grids(plan)
+    rng = np.random.default_rng([plan.seed, plan.index, _NOISE_STREAM])
+
+    t2_points = grids["t2"].points()
+    t2_labels = tissue_labels(plan, t2_points)
+    t2_bias = bias_field(plan, grids["t2"])
+    del t2_points
+    t2 = Volume(grids["t2"], _magnitude(_T2[t2_labels] * t2_bias, plan.noise_sigma_t2, rng))
+    sagittal = _render_t2(plan, grids["sagittal"], rng)
+    coronal = _render_t2(plan, grids["coronal"], rng)
+    localizer = [_render_t2(plan, grids[f"localizer_{o}"], rng) for o in ORIENTATIONS]
+
+    dwi_grid = grids["dwi"]
+    dwi_bias = bias_field(plan, dwi_grid)
+    dwi_to_t2 = dwi_to_t2_matrix(plan)
+    dwi_labels = []
+    dwi = []
+    for b_index, b_value in enumerate(plan.b_values):
+        labels = tissue_labels(plan, dwi_grid.points(dwi_to_t2 @ motion_matrix(plan, b_index)))
+        signal = _S0[labels] * np.exp(-b_value * _ADC[labels]) * dwi_bias
+        dwi.append(Volume(dwi_grid, _magnitude(signal, plan.noise_sigma_dwi, rng), b_value))
+        dwi_labels.append(labels)
+    adc = None
+    if plan.has_scanner_adc:
+        threshold = ADC_MASK_SIGMAS * plan.noise_sigma_dwi
+        adc = Volume(dwi_grid, fit_scanner_adc([v.pixels for v in dwi], plan.b_values, threshold))
+
+    series = write_exam_series(
+        dicom_dir / study_folder_name(plan),
+        plan,
+        localizer=localizer,
+        sagittal=sagittal,
+        coronal=coronal,
+        t2=t2,
+        dwi=dwi,
+        adc=adc,
+    )
+    truth_json = _write_truth(
+        truth_dir, plan, grids, t2_labels, t2_bias, dwi_labels[0], dwi_bias, series
+    )
+    return SyntheticExam(plan.patient_folder, dicom_dir, truth_dir, truth_json, plan)
+
+
+def generate_cohort(root: Path, n_patients: int, seed: int = 0) -> list[SyntheticExam]:
+    """Generate exams ``plan_exam(seed, i)`` for i in 0..n_patients-1 under ``root``."""
+    if n_patients < 0:
+        raise InputError(f"n_patients must be >= 0, got {n_patients}", step="synthetic")
+    return [generate_exam(root, plan_exam(seed, index)) for index in range(n_patients)]
+
+
+def _write_truth(
+    truth_dir: Path,
+    plan: ExamPlan,
+    grids: dict[str, Grid],
+    t2_labels: np.ndarray,
+    t2_bias: np.ndarray,
+    dwi_labels: np.ndarray,
+    dwi_bias: np.ndarray,
+    series: list[dict[str, object]],
+) -> Path:
+    """Write the truth images and ``truth.json``; return the JSON's path."""
+    t2_grid, dwi_grid = grids["t2"], grids["dwi"]
+    gland = np.isin(t2_labels, GLAND_LABELS)
+    zones = np.where(np.isin(t2_labels, (PZ, LESION)), 1, np.where(t2_labels == TZ, 2, 0))
+    s0 = _S0[dwi_labels] * dwi_bias
+    images = {
+        "t2_tissue": (t2_grid, t2_labels),
+        "t2_gland_mask": (t2_grid, gland.astype(np.uint8)),
+        "t2_zones": (t2_grid, zones.astype(np.uint8)),
+        "t2_bias": (t2_grid, t2_bias.astype(np.float32)),
+        "adc_true_t2": (t2_grid, _ADC[t2_labels].astype(np.float32)),
+        "dwi_tissue": (dwi_grid, dwi_labels),
+        "dwi_gland_mask": (dwi_grid, np.isin(dwi_labels, GLAND_LABELS).astype(np.uint8)),
+        "dwi_bias": (dwi_grid, dwi_bias.astype(np.float32)),
+        "adc_true_dwi": (dwi_grid, _ADC[dwi_labels].astype(np.float32)),
+        "s0_true_dwi": (dwi_grid, s0.astype(np.float32)),
+        "b1000_true_dwi": (dwi_grid, (s0 * np.exp(-1000 * _ADC[dwi_labels])).astype(np.float32)),
+    }
+    if plan.has_lesion:
+        images["t2_lesion_mask"] = (t2_grid, (t2_labels == LESION).astype(np.uint8))
+    hashes = {
+        f"{name}.nii.gz": write_image_atomic(grid.image(array), truth_dir / f"{name}.nii.gz")
+        for name, (grid, array) in images.items()
+    }
+    voxel_ml = float(np.prod(T2_SPACING)) / 1000.0
+    truth = {
+        "seed": plan.seed,
+        "index": plan.index,
+        "patient_folder": plan.patient_folder,
+        "vendor": plan.vendor,
+        "field_strength_t": plan.field_strength_t,
+        "b_values": list(plan.b_values),
+        "has_scanner_adc": plan.has_scanner_adc,
+        "has_lesion": plan.has_lesion,
+        "obliquity_deg": plan.obliquity_deg,
+        "series": series,
+        "noise_sigma": {"t2": plan.noise_sigma_t2, "dwi": plan.noise_sigma_dwi},
+        "tissues": {
+            t.name: {"label": label, "t2": t.t2, "s0": t.s0, "adc_mm2_s": t.adc_mm2_s}
+            for label, t in enumerate(TISSUES)
+        },
+        "transforms": {
+            "convention": CONVENTION,
+            "motion": {
+                str(b): motion_matrix(plan, i).tolist() for i, b in enumerate(plan.b_values)
+            },
+            "dwi_to_t2": dwi_to_t2_matrix(plan).tolist(),
+        },
+        "bias": {
+            "definition": "exp(sum(c_i * term_i(u))), u = (p - center_mm) / scale_mm, "
+            "p in image physical (scanner) coordinates",
+            "terms": ["x", "y", "z", "x2", "y2", "z2", "xy", "xz", "yz"],
+            "coefficients": list(plan.bias_coefficients),
+            "center_mm": list(plan.bias_center_mm),
+            "scale_mm": BIAS_SCALE_MM,
+        },
+        "grids": {name: grid.as_dict() for name, grid in grids.items()},
+        "gland_center_mm": list(plan.gland_center_mm),
+        "gland_volume_ml": {
+            "analytic": 4.0 / 3.0 * np.pi * float(np.prod(plan.gland_semi_axes_mm)) / 1000.0,
+            "t2_voxels": int(gland.sum()) * voxel_ml,
+        },
+        "lesion_volume_ml": (
+            int((t2_labels == LESION).sum()) * voxel_ml if plan.has_lesion else None
+        ),
+        "identifiers": {
+            "patient_name": plan.patient_name,
+            "patient_id": plan.patient_id,
+            "birth_date": plan.birth_date,
+            "accession": plan.accession,
+        },
+        "files": hashes,
+        "plan": asdict(plan),
+    }
+    write_json_atomic(truth_dir / "truth.json", truth)
+    return truth_dir / "truth.json"
