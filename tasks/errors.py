@@ -30,6 +30,10 @@ class StepError(Exception):
         self.hint = hint
         super().__init__(self._message())
 
+    def __reduce__(self):  # keep the context when pickled (process and Dask workers)
+        kwargs = {"patient": self.patient, "step": self.step, "path": self.path, "hint": self.hint}
+        return (_rebuild, (type(self), self.problem, kwargs))
+
     def _message(self) -> str:
         where = []
         if self.patient:
@@ -48,3 +52,7 @@ class InputError(StepError):
 
 class TransientError(StepError):
     """A failure that may pass on retry (I/O, resource exhaustion)."""
+
+
+def _rebuild(cls: type[StepError], problem: str, kwargs: dict) -> StepError:
+    return cls(problem, **kwargs)

@@ -1,0 +1,181 @@
+"""The ``prostate-cohort`` command line: parse arguments, make one call, print the outcome.
+
+Exit codes: 0 success; 1 some patients failed (their errors are printed and recorded);
+2 invalid settings or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from flows.settings import Settings, SettingsError, load_settings
+
+DESCRIPTION = """\
+Process a cohort of prostate multiparametric MRI exams: ingest DICOM/NIfTI/MHA, standardise
+DWI, denoise, correct bias, register, compute ADC, segment the gland and extract radiomics,
+with the provenance of every step in a database.
+
+Start here:
+  prostate-cohort demo                 make a synthetic cohort and run the pipeline on it
+  prostate-cohort ingest /data/cohort  find and ingest the exams under a folder
+
+Settings come from --config FILE (TOML or YAML), PROSTATE_COHORT_* environment variables
+and the defaults; `prostate-cohort config` shows what is in effect.
+"""
+
+
+def _prefect_defaults() -> None:
+    """Offline-friendly Prefect defaults; an operator's own settings win."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prostate-cohort",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="settings file (.toml, .yaml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="make the synthetic demo cohort and run the pipeline on it",
+        description="Generate N synthetic exams (real DICOM, four vendor conventions, with "
+        "ground truth) under OUTPUT/demo-cohort and run the pipeline on them.",
+    )
+    demo.add_argument("--patients", type=int, metavar="N", help="number of exams (default 4)")
+    demo.add_argument("--seed", type=int, help="random seed (default 0)")
+    demo.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+    demo.add_argument("--force", action="store_true", help="recompute cached steps")
+    demo.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    ingest = commands.add_parser(
+        "ingest",
+        help="find and ingest the exams under a folder",
+        description="Discover exams under ROOT (DICOM in any nesting, PI-CAI style "
+        "NIfTI/MHA), pick the axial T2W, DWI per b-value, scanner ADC and computed high-b "
+        "series, check them and write pseudonymised float32 NIfTI under OUTPUT/patients.",
+    )
+    ingest.add_argument("root", help="cohort folder")
+    ingest.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+    ingest.add_argument("--force", action="store_true", help="re-ingest cached exams")
+    ingest.add_argument("--json", action="store_true", help="print one JSON object")
+
+    db = commands.add_parser("db", help="provenance database: migrate, show revision")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser("upgrade", help="migrate the database to the latest schema")
+    db_commands.add_parser("current", help="print the database's schema revision")
+
+    config = commands.add_parser("config", help="print the settings in effect (JSON)")
+    config.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, output_root=getattr(args, "output", None))
+    except SettingsError as error:
+        print(f"prostate-cohort: {error}", file=sys.stderr)
+        return 2
+    handler = {"demo": _demo, "ingest": _ingest, "db": _db, "config": _config}[args.command]
+    try:
+        return handler(args, settings)
+    except SettingsError as error:
+        print(f"prostate-cohort: {error}", file=sys.stderr)
+        return 2
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    print(json.dumps(settings.public_dict(), indent=2))
+    return 0
+
+
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from db.store import current_revision, head_revision, upgrade
+
+    url = settings.resolved_database_url
+    if args.db_command == "upgrade":
+        upgrade(url)
+    revision = current_revision(url)
+    print(f"database schema revision: {revision or 'none'} (latest: {head_revision()})")
+    return 0
+
+
+def _runner(settings: Settings) -> Any:
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=settings.threads.workers)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    _prefect_defaults()
+    from flows.demo import demo_flow
+
+    result = demo_flow.with_options(task_runner=_runner(settings))(
+        patients=args.patients,
+        seed=args.seed,
+        config_file=args.config,
+        output_root=str(settings.output_root),
+        force=args.force,
+    )
+    return _report(result["patients"], args.json, header=f"demo cohort: {result['cohort']}")
+
+
+def _ingest(args: argparse.Namespace, settings: Settings) -> int:
+    load_settings(args.config, data_root=args.root)  # fail early on a bad ROOT
+    _prefect_defaults()
+    from flows.ingest import ingest_flow
+
+    result = ingest_flow.with_options(task_runner=_runner(settings))(
+        root=args.root,
+        config_file=args.config,
+        output_root=str(settings.output_root),
+        force=args.force,
+    )
+    return _report(result["patients"], args.json, header=f"ingested {args.root}")
+
+
+def _report(patients: list[dict[str, Any]], as_json: bool, *, header: str) -> int:
+    """Print per-patient results; exit code 1 when any patient failed."""
+    if as_json:
+        print(json.dumps({"patients": [_json_entry(p) for p in patients]}, indent=2))
+    else:
+        print(header)
+        for p in patients:
+            if p["status"] == "ok":
+                found = ", ".join(_describe(s) for s in p["series"])
+                cached = " (cached)" if p.get("cached") else ""
+                print(f"  {p['patient']}  {p['source']}: ok{cached}: {found}")
+            else:
+                print(f"  {p['patient']}  {p['source']}: ERROR: {p['error']}")
+        n_failed = sum(p["status"] != "ok" for p in patients)
+        print(f"{len(patients)} patients, {n_failed} failed")
+    return 1 if any(p["status"] != "ok" for p in patients) else 0
+
+
+def _describe(series: dict[str, Any]) -> str:
+    b = series.get("b_value")
+    return series["kind"] + (f" b{b:g}" if b is not None else "")
+
+
+def _json_entry(p: dict[str, Any]) -> dict[str, Any]:
+    keep = ("kind", "b_value", "source", "shape", "spacing", "image", "reason")
+    return {
+        "patient": p["patient"],
+        "source": p["source"],
+        "status": p["status"],
+        "error": p["error"],
+        "series": [{k: s[k] for k in keep if k in s} for s in p["series"]],
+        "rejected": p.get("rejected", []),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

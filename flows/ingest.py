@@ -1,0 +1,226 @@
+"""Ingest as a Prefect task and flow: one task run per exam, named by pseudonymous id.
+
+The task wraps :func:`tasks.ingest.ingest_exam` through :func:`flows.steps.execute_step`
+(cache + provenance) and records the study and every series (chosen or rejected, with the
+reason) in the database. An exam with bad data fails its own task run with a clear
+``InputError``; the other exams go on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from prefect.logging import get_run_logger
+from pydantic import SecretStr
+from sqlmodel import Session
+
+from db.record import ensure_study, record_series
+from flows.resources import apply_thread_limits
+from flows.runs import pipeline_run, pseudonym_secret
+from flows.settings import IngestSettings, load_settings
+from flows.steps import FileRef, RunContext, execute_step, is_transient
+from tasks.discover import Exam, discover_exams
+from tasks.errors import InputError
+from tasks.ingest import IngestResult, ingest_exam
+from tasks.io import sha256_file, sha256_files, write_json_atomic
+from tasks.pseudonym import pseudonymous_id
+
+STEP = "ingest"
+STEP_VERSION = "1"
+PATIENTS_DIR = "patients"
+
+
+def patient_id_of(exam: Exam, key: str) -> str:
+    """The pseudonymous id ingest gives this exam (same rule as ``ingest_exam``)."""
+    return pseudonymous_id(exam.patient or exam.folder, key)
+
+
+def _source_files(exam: Exam) -> list[FileRef]:
+    root = Path(exam.root)
+    names = [f for series in exam.series for f in series.files]
+    names += [path for _role, path in exam.images]
+    return [FileRef.of("source", root / name) for name in sorted(names)]
+
+
+def _rejected_files(exam: Exam, folder: str) -> list[Path]:
+    """Source files of a rejected series (hashed so every input series is on record)."""
+    root = Path(exam.root)
+    return [root / f for s in exam.series if s.folder == folder for f in s.files]
+
+
+def _series_rows(exam: Exam, result: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for s in result["series"]:
+        rows.append(
+            {
+                "kind": s["kind"],
+                "b_value": s["b_value"],
+                "selected": True,
+                "selection_reason": s["reason"],
+                "source": s["source"],
+                "n_files": len(s["source_files"]),
+                "source_sha256": s["source_sha256"],
+                "source_files": [{"name": n, "sha256": h} for n, h in s["source_files"]],
+                "shape": s["shape"],
+                "spacing": s["spacing"],
+                "origin": s["origin"],
+                "direction": s["direction"],
+                "image_path": str(out_dir / s["image"]),
+                "image_sha256": s["image_sha256"],
+            }
+        )
+    for r in result["rejected"]:
+        files = _rejected_files(exam, r["source"])
+        rows.append(
+            {
+                "kind": "ignored",
+                "selected": False,
+                "selection_reason": r["reason"],
+                "source": r["source"],
+                "n_files": len(files),
+                "source_sha256": sha256_files(files),
+                "source_files": [{"name": f.name, "sha256": sha256_file(f)} for f in files],
+            }
+        )
+    return rows
+
+
+def ingest_one(
+    exam: Exam, *, patient: str, ctx: RunContext, key: SecretStr, params: IngestSettings
+) -> dict[str, Any]:
+    """Ingest one exam with caching and provenance; return the ingest result as a dict.
+
+    Raises
+    ------
+    InputError
+        The exam's data is unusable; the message names the series folder and the problem.
+    """
+    out_dir = ctx.output_root / PATIENTS_DIR
+    sidecar = out_dir / patient / f"{patient}_ingest.json"
+
+    def run() -> tuple[list[FileRef], dict[str, Any]]:
+        result: IngestResult = ingest_exam(
+            exam, out_dir=out_dir, key=key.get_secret_value(), min_b_values=params.min_b_values
+        )
+        if result.status != "ok":
+            raise InputError(result.error or "ingest failed", patient=patient, step=STEP)
+        data = result.to_dict()
+        write_json_atomic(sidecar, data)
+        outputs = [FileRef.of(_role(s), out_dir / s["image"]) for s in data["series"]]
+        return outputs + [FileRef.of("ingest_json", sidecar)], data
+
+    def on_record(session: Session, _step_run_id: int) -> None:
+        data = json.loads(sidecar.read_text())
+        study = ensure_study(
+            session, patient_pseudo_id=patient, study_key=data["session"], source=data["source"]
+        )
+        for row in _series_rows(exam, data, out_dir):
+            record_series(session, study_id=study.id, **row)
+
+    outcome = execute_step(
+        ctx,
+        patient=patient,
+        step=STEP,
+        version=STEP_VERSION,
+        inputs=_source_files(exam),
+        parameters=params.model_dump(mode="json"),
+        run=run,
+        on_record=on_record,
+        cached_details=lambda refs: json.loads(sidecar.read_text()),
+    )
+    return outcome.details | {"cached": outcome.status == "cached"}
+
+
+def _role(series: dict[str, Any]) -> str:
+    """Artifact role of an ingested image, e.g. ``t2w``, ``dwi_b800``, ``adc_scanner``."""
+    kind, b = series["kind"], series["b_value"]
+    if kind == "t2w":
+        return "t2w_raw"
+    if kind == "adc":
+        return "adc_scanner"
+    if b is None:
+        return kind
+    label = f"{b:g}".replace(".", "p")
+    return f"{'dwi' if kind == 'dwi' else 'computed_dwi'}_b{label}_raw"
+
+
+@task(
+    name="ingest",
+    task_run_name="ingest-{patient}",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=is_transient,
+)
+def ingest_exam_task(
+    exam: Exam, patient: str, ctx: RunContext, key: SecretStr, params: IngestSettings
+) -> dict[str, Any]:
+    """Prefect task: ingest one exam (see :func:`ingest_one`)."""
+    apply_thread_limits(ctx.threads)
+    result = ingest_one(exam, patient=patient, ctx=ctx, key=key, params=params)
+    n = len(result["series"])
+    word = "cached" if result["cached"] else "ingested"
+    get_run_logger().info("%s %s: %d images", word, patient, n)
+    return result
+
+
+def error_entry(exam: Exam, patient: str, error: BaseException) -> dict[str, Any]:
+    """The per-patient result for an exam whose ingest failed."""
+    problem = error.problem if isinstance(error, InputError) else str(error)
+    return {
+        "patient": patient,
+        "source": exam.folder,
+        "status": "error",
+        "error": problem,
+        "series": [],
+        "rejected": [],
+    }
+
+
+def ingest_exams(
+    exams: list[Exam], ctx: RunContext, key: SecretStr, params: IngestSettings
+) -> list[dict[str, Any]]:
+    """Submit one ingest task per exam on the flow's task runner; wait for all of them.
+
+    Returns one entry per exam, in order: the ingest result, or an ``error`` entry for an
+    exam whose task failed. A failed exam never stops the others.
+    """
+    patients = [patient_id_of(exam, key.get_secret_value()) for exam in exams]
+    futures = [
+        ingest_exam_task.submit(exam, patient, ctx, key, params)
+        for exam, patient in zip(exams, patients, strict=True)
+    ]
+    results = []
+    for exam, patient, future in zip(exams, patients, futures, strict=True):
+        future.wait()
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            results.append(error_entry(exam, patient, outcome))
+        else:
+            results.append(outcome)
+    return results
+
+
+@flow(name="ingest-cohort", log_prints=False)
+def ingest_flow(
+    root: str,
+    config_file: str | None = None,
+    output_root: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Discover the exams under ``root`` and ingest each; return ``{"patients": [...]}``.
+
+    Parameters are paths only (they are shown in the Prefect UI): no identifiers, no keys.
+    The pseudonymisation key and every other setting come from the settings sources.
+    """
+    settings = load_settings(config_file, data_root=root, output_root=output_root)
+    with pipeline_run(settings, command=f"ingest {root}", force=force) as (ctx, run):
+        exams = discover_exams(settings.data_root)
+        get_run_logger().info("found %d exams", len(exams))
+        results = ingest_exams(exams, ctx, pseudonym_secret(settings), settings.steps.ingest)
+        run.finish(results)
+    return {"patients": results}

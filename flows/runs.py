@@ -1,0 +1,106 @@
+"""Pipeline-run bookkeeping shared by the flows: database migration, run record, summary."""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import SecretStr
+
+from db.record import begin_pipeline_run, finish_pipeline_run, software_versions
+from db.store import session_scope, upgrade
+from flows.settings import Settings, pseudonym_key
+from flows.steps import RunContext, engine_for, prefect_ids
+
+
+def pseudonym_secret(settings: Settings) -> SecretStr:
+    """The pseudonymisation key wrapped so that it never prints or logs."""
+    return SecretStr(pseudonym_key(settings))
+
+
+@dataclass
+class RunHandle:
+    """Collects the per-patient results of a run to write its final status and summary."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def finish(self, results: list[dict[str, Any]]) -> None:
+        self.results = list(results)
+
+    def summary(self) -> dict[str, Any]:
+        failed = [r for r in self.results if r.get("status") == "error"]
+        return {
+            "patients": len(self.results),
+            "failed": len(failed),
+            "failures": [
+                {"patient": r["patient"], "step": r.get("step", "ingest"), "error": r["error"]}
+                for r in failed
+            ],
+            "by_status": dict(Counter(r.get("status", "ok") for r in self.results)),
+        }
+
+    def status(self) -> str:
+        """``completed`` (no failures), ``partial`` (some) or ``failed`` (all, or none ran)."""
+        n, n_failed = len(self.results), sum(r.get("status") == "error" for r in self.results)
+        if n_failed == 0 and n > 0:
+            return "completed"
+        return "failed" if n_failed == n else "partial"
+
+
+@contextmanager
+def pipeline_run(
+    settings: Settings, *, command: str, force: bool = False
+) -> Iterator[tuple[RunContext, RunHandle]]:
+    """Migrate the database, record a running pipeline run, and close it with its outcome.
+
+    An exception inside the block marks the run ``failed`` (with the error) and re-raises.
+    """
+    url = settings.resolved_database_url
+    settings.output_root.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+    engine = engine_for(url)
+    with session_scope(engine) as session:
+        run = begin_pipeline_run(
+            session,
+            command=command,
+            settings=settings.public_dict(),
+            software_versions=software_versions(),
+            host=socket.gethostname(),
+            prefect_flow_run_id=prefect_ids()[0],
+        )
+        run_id = run.id
+    ctx = RunContext(
+        database_url=url,
+        output_root=settings.output_root,
+        pipeline_run_id=run_id,
+        threads=settings.threads.per_worker(),
+        force=force,
+    )
+    handle = RunHandle()
+    try:
+        yield ctx, handle
+    except BaseException as error:
+        with session_scope(engine) as session:
+            finish_pipeline_run(
+                session,
+                run_id,
+                status="failed",
+                n_patients=len(handle.results),
+                n_failed=len(handle.results),
+                summary={"error": str(error)},
+            )
+        raise
+    summary = handle.summary()
+    with session_scope(engine) as session:
+        finish_pipeline_run(
+            session,
+            run_id,
+            status=handle.status(),
+            n_patients=summary["patients"],
+            n_failed=summary["failed"],
+            summary=summary,
+        )
