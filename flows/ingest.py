@@ -25,9 +25,8 @@ from flows.settings import IngestSettings, load_settings
 from flows.steps import FileRef, RunContext, execute_step, is_transient
 from tasks.discover import Exam, discover_exams
 from tasks.errors import InputError
-from tasks.ingest import IngestResult, ingest_exam
+from tasks.ingest import IngestResult, exam_dir, exam_ids, ingest_exam
 from tasks.io import sha256_file, sha256_files, write_json_atomic
-from tasks.pseudonym import pseudonymous_id
 
 STEP = "ingest"
 STEP_VERSION = "1"
@@ -35,8 +34,8 @@ PATIENTS_DIR = "patients"
 
 
 def patient_id_of(exam: Exam, key: str) -> str:
-    """The pseudonymous id ingest gives this exam (same rule as ``ingest_exam``)."""
-    return pseudonymous_id(exam.patient or exam.folder, key)
+    """The pseudonymous patient id ingest gives this exam (see ``tasks.ingest.exam_ids``)."""
+    return exam_ids(exam, key)[0]
 
 
 def _source_files(exam: Exam) -> list[FileRef]:
@@ -100,7 +99,8 @@ def ingest_one(
         The exam's data is unusable; the message names the series folder and the problem.
     """
     out_dir = ctx.output_root / PATIENTS_DIR
-    sidecar = out_dir / patient / f"{patient}_ingest.json"
+    _, session = exam_ids(exam, key.get_secret_value())
+    sidecar = out_dir / exam_dir(patient, session) / f"{patient}_{session}_ingest.json"
 
     def run() -> tuple[list[FileRef], dict[str, Any]]:
         result: IngestResult = ingest_exam(

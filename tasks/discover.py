@@ -97,9 +97,15 @@ def _folder_of(files: list[str]) -> str:
 
 def _dicom_groups(
     root: Path, files: list[Path]
-) -> tuple[dict[tuple[str, str], dict[str, list[str]]], list[str]]:
-    """Group DICOM files by (patient key, study) and series; also return unreadable files."""
+) -> tuple[dict[tuple[str, str], dict[str, list[str]]], dict[str, str], list[str]]:
+    """Group DICOM files by study and series.
+
+    Returns ``{(study, series): files}`` grouped as ``{study: {series: files}}`` keyed by
+    ``(study, "")``, the DICOM PatientID of every file (kept in memory only, to find the
+    patient folders; never returned by :func:`discover_exams`), and the unreadable files.
+    """
     groups: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    patient_ids: dict[str, str] = {}
     unreadable = []
     for path in files:
         if not is_dicom_file(path):
@@ -117,31 +123,58 @@ def _dicom_groups(
         if not study or not series:  # header cut short (pydicom returns what it parsed)
             unreadable.append(rel)
             continue
-        parts = PurePosixPath(rel).parts
-        patient = parts[0] if len(parts) > 1 else str(ds.get("PatientID", "")).strip()
-        groups[(patient, study)][series].append(rel)
-    return groups, unreadable
+        patient_ids[rel] = str(ds.get("PatientID", "")).strip()
+        # A series is its UID within one folder: copies of a series in two folders (e.g. an
+        # exam copied to make a variant) stay apart. A series split over several folders is
+        # then seen as incomplete series and reported by ingest, never merged silently.
+        groups[(study, "")][f"{series}|{PurePosixPath(rel).parent}"].append(rel)
+    return groups, patient_ids, unreadable
+
+
+def _patient_key(exam_folder: str, patient_ids: dict[str, str]) -> str:
+    """The patient key of an exam: its shallowest folder under the root holding one patient.
+
+    Walking down from the root, the first folder all of whose DICOM files share the exam's
+    PatientID is the patient folder (``<root>/<patient>/...`` in the usual layout; deeper
+    when the root holds e.g. ``dicom/<patient>/...``). Exams lying directly in the root
+    fall back to the PatientID itself.
+    """
+    parts = PurePosixPath(exam_folder).parts if exam_folder != "." else ()
+    for depth in range(1, len(parts) + 1):
+        prefix = PurePosixPath(*parts[:depth]).as_posix() + "/"
+        ids = {pid for rel, pid in patient_ids.items() if rel.startswith(prefix)}
+        if len(ids) == 1:
+            return prefix.rstrip("/")
+    ids = {pid for rel, pid in patient_ids.items() if rel.startswith(exam_folder + "/")}
+    return next(iter(ids)) if len(ids) == 1 else exam_folder
+
+
+def _exam_folder(series: list[SeriesFiles]) -> str:
+    folder = _folder_of([f for s in series for f in s.files])
+    if len(series) == 1 and len(PurePosixPath(folder).parts) > 1:
+        # a lone series in its own folder: the exam is the folder above it
+        folder = PurePosixPath(folder).parent.as_posix()
+    return folder
 
 
 def _dicom_exams(root: Path, files: list[Path]) -> list[Exam]:
-    groups, unreadable = _dicom_groups(root, files)
+    """One exam per study and folder: copies of one study in two folders are two exams."""
+    groups, patient_ids, unreadable = _dicom_groups(root, files)
     exams = []
-    for (patient, study), by_series in groups.items():
-        series = tuple(
-            sorted(
-                (SeriesFiles(_folder_of(f), tuple(sorted(f))) for f in by_series.values()),
-                key=lambda s: (s.folder, s.files),
+    for (study, _), by_series in groups.items():
+        all_series = [SeriesFiles(_folder_of(f), tuple(sorted(f))) for f in by_series.values()]
+        by_parent: dict[str, list[SeriesFiles]] = defaultdict(list)
+        for s in all_series:
+            by_parent[PurePosixPath(s.folder).parent.as_posix()].append(s)
+        for members in by_parent.values():
+            series = tuple(sorted(members, key=lambda s: (s.folder, s.files)))
+            folder = _exam_folder(list(series))
+            series_folders = {s.folder for s in series}
+            broken = tuple(
+                u for u in unreadable if PurePosixPath(u).parent.as_posix() in series_folders
             )
-        )
-        folder = _folder_of([f for s in series for f in s.files])
-        if len(series) == 1 and len(PurePosixPath(folder).parts) > 1:
-            # a lone series in its own folder: the exam is the folder above it
-            folder = PurePosixPath(folder).parent.as_posix()
-        series_folders = {s.folder for s in series}
-        broken = tuple(
-            u for u in unreadable if PurePosixPath(u).parent.as_posix() in series_folders
-        )
-        exams.append(Exam(root, folder, "dicom", patient, study, series, (), broken))
+            patient = _patient_key(folder, patient_ids)
+            exams.append(Exam(root, folder, "dicom", patient, study, series, (), broken))
     return exams
 
 

@@ -1,11 +1,11 @@
 """Ingest one exam: classify its series, build checked volumes, write float32 NIfTI.
 
-Outputs (``<p>`` is the pseudonymous patient id)::
+Outputs (``<p>``, ``<s>``: pseudonymous patient and session ids, see :func:`exam_ids`)::
 
-    <out_dir>/<p>/anat/<p>_T2w.nii.gz                 axial T2W
-    <out_dir>/<p>/dwi/<p>_b<b>_dwi.nii.gz             one per acquired b-value (s/mm²)
-    <out_dir>/<p>/dwi/<p>_adc.nii.gz                  scanner ADC in mm²/s
-    <out_dir>/<p>/dwi/<p>_computed-b<b>_dwi.nii.gz    scanner-computed high b
+    <out_dir>/<p>/<s>/anat/<p>_<s>_T2w.nii.gz                 axial T2W
+    <out_dir>/<p>/<s>/dwi/<p>_<s>_b<b>_dwi.nii.gz             one per acquired b (s/mm²)
+    <out_dir>/<p>/<s>/dwi/<p>_<s>_adc.nii.gz                  scanner ADC in mm²/s
+    <out_dir>/<p>/<s>/dwi/<p>_<s>_computed-b<b>_dwi.nii.gz    scanner-computed high b
 
 All images are float32 in LPS geometry as the DICOM headers give it. The scanner ADC is
 converted to mm²/s: vendors store it as integers in 1e-6 mm²/s (Siemens, PI-CAI) or, rarely,
@@ -115,8 +115,8 @@ def adc_scale(image: sitk.Image) -> tuple[float, str]:
 class _Writer:
     """Writes images for one patient and builds their records."""
 
-    def __init__(self, root: Path, out_dir: Path, patient: str) -> None:
-        self.root, self.out_dir, self.patient = root, out_dir, patient
+    def __init__(self, root: Path, out_dir: Path, patient: str, session: str) -> None:
+        self.root, self.out_dir, self.patient, self.session = root, out_dir, patient, session
         self.records: list[SeriesRecord] = []
 
     def add(
@@ -131,7 +131,7 @@ class _Writer:
         units: str | None = None,
         scale: float = 1.0,
     ) -> None:
-        p = self.patient
+        p = f"{self.patient}_{self.session}"
         name = {
             "t2w": f"anat/{p}_T2w.nii.gz",
             "dwi": f"dwi/{p}_b{_b_name(b_value or 0)}_dwi.nii.gz",
@@ -140,7 +140,7 @@ class _Writer:
             if b_value is not None
             else f"dwi/{p}_computed_dwi.nii.gz",
         }[kind]
-        relative = f"{p}/{name}"
+        relative = f"{exam_dir(self.patient, self.session)}/{name}"
         digest = write_image_atomic(image, self.out_dir / relative)
         ordered = sorted(files, key=lambda f: f.relative_to(self.root).as_posix())
         self.records.append(
@@ -295,6 +295,24 @@ def _ingest_images(exam: Exam, writer: _Writer) -> tuple[list[str], list]:
     return [], rejected
 
 
+def exam_ids(exam: Exam, key: str | bytes) -> tuple[str, str]:
+    """Pseudonymous (patient, session) ids of an exam.
+
+    The patient id is a keyed hash of the patient key found by discovery (the patient
+    folder, or the DICOM PatientID for files lying directly in the root). The session id
+    hashes the StudyInstanceUID together with the exam folder, so that two copies of one
+    study in different folders stay apart.
+    """
+    patient = pseudonymous_id(exam.patient or exam.folder, key)
+    session = pseudonymous_study_id(f"{exam.study}|{exam.folder}", key)
+    return patient, session
+
+
+def exam_dir(patient: str, session: str) -> str:
+    """Folder of one exam's outputs, relative to the output root: ``<patient>/<session>``."""
+    return f"{patient}/{session}"
+
+
 def ingest_exam(
     exam: Exam, *, out_dir: str | Path, key: str | bytes, min_b_values: int = 2
 ) -> IngestResult:
@@ -322,9 +340,8 @@ def ingest_exam(
     ValueError
         Empty ``key`` (a configuration error, not bad data).
     """
-    patient = pseudonymous_id(exam.patient or exam.folder, key)
-    session = pseudonymous_study_id(exam.study or exam.folder, key)
-    writer = _Writer(Path(exam.root), Path(out_dir), patient)
+    patient, session = exam_ids(exam, key)
+    writer = _Writer(Path(exam.root), Path(out_dir), patient, session)
     if exam.kind == "image":
         errors, rejected = _ingest_images(exam, writer)
     else:
