@@ -1,0 +1,138 @@
+"""Ingest and demo flows through a real Prefect server: provenance, caching, failure
+isolation and privacy, on the synthetic cohort (whose fake identities are known)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from db.store import make_engine
+from flows.demo import demo_flow
+from flows.ingest import ingest_flow
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PROSTATE_COHORT_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo")
+    result = demo_flow(patients=4, seed=0, output_root=str(out))
+    return out, result
+
+
+def _rows(db: Path, table: str) -> list[dict]:
+    with make_engine(f"sqlite:///{db}").connect() as connection:
+        return [dict(r._mapping) for r in connection.execute(text(f"SELECT * FROM {table}"))]
+
+
+def test_demo_generates_and_ingests_every_patient(demo) -> None:
+    out, result = demo
+    assert [p["status"] for p in result["patients"]] == ["ok"] * 4
+    db = out / "provenance.sqlite"
+    steps = _rows(db, "step_run")
+    assert sorted(s["step"] for s in steps) == ["ingest"] * 4 + ["synthesize"] * 4
+    assert all(s["status"] == "completed" and s["cache_key"] for s in steps)
+    assert all(s["prefect_task_run_id"] and s["prefect_flow_run_id"] for s in steps)
+    series = _rows(db, "series")
+    chosen = [s for s in series if s["selected"]]
+    assert {s["kind"] for s in chosen} >= {"t2w", "dwi"}
+    assert all(s["selection_reason"] for s in series)  # every choice and rejection explained
+    assert any(not s["selected"] for s in series)  # distractors recorded as rejected
+    for s in chosen:
+        assert Path(s["image_path"]).is_file()
+    runs = _rows(db, "pipeline_run")
+    assert [r["status"] for r in runs] == ["completed"]
+    assert json.loads(runs[0]["summary"])["patients"] == 4
+
+
+def test_rerun_is_cached_without_duplicate_rows(demo) -> None:
+    out, _ = demo
+    db = out / "provenance.sqlite"
+    before = {t: len(_rows(db, t)) for t in ("step_run", "series", "study", "artifact")}
+    again = demo_flow(patients=4, seed=0, output_root=str(out))
+    assert all(p["cached"] for p in again["patients"])
+    after = {t: len(_rows(db, t)) for t in ("step_run", "series", "study", "artifact")}
+    assert after == before
+
+
+def test_changed_output_is_recomputed(demo) -> None:
+    out, result = demo
+    victim = next((out / "patients").rglob("*_T2w.nii.gz"))
+    victim.write_bytes(b"corrupted")
+    again = demo_flow(patients=4, seed=0, output_root=str(out))
+    assert sum(not p["cached"] for p in again["patients"]) == 1
+    assert victim.stat().st_size > 1000
+
+
+def test_bad_exam_fails_alone_and_is_recorded(demo, tmp_path: Path) -> None:
+    out, _ = demo
+    cohort = tmp_path / "cohort"
+    shutil.copytree(out / "demo-cohort" / "dicom", cohort)
+    broken = sorted(p for p in cohort.iterdir())[1]
+    t2 = next(d for d in broken.rglob("*") if d.is_dir() and "t2" in d.name.lower()
+              and "sag" not in d.name.lower() and "cor" not in d.name.lower())
+    middle = sorted(t2.iterdir())[len(list(t2.iterdir())) // 2]
+    middle.unlink()
+    result = ingest_flow(root=str(cohort), output_root=str(tmp_path / "out"))
+    status = {p["source"].split("/")[0]: p for p in result["patients"]}
+    assert [status[k]["status"] for k in sorted(status)] == ["ok", "error", "ok", "ok"]
+    error = status[broken.name]["error"]
+    assert t2.relative_to(cohort).as_posix() in error and "missing" in error
+    db = tmp_path / "out" / "provenance.sqlite"
+    failed = [s for s in _rows(db, "step_run") if s["status"] == "failed"]
+    assert len(failed) == 1 and t2.name in failed[0]["error"]
+    run = _rows(db, "pipeline_run")[0]
+    assert (run["status"], run["n_failed"], run["n_patients"]) == ("partial", 1, 4)
+
+
+def test_no_identifier_reaches_outputs_logs_or_database(
+    demo, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys
+) -> None:
+    out, _ = demo
+    identities = [
+        json.loads(t.read_text())["identifiers"]
+        for t in sorted((out / "demo-cohort" / "truth").glob("*/truth.json"))
+    ]
+    secrets_ = {
+        value
+        for identity in identities
+        for key, value in identity.items()
+        if key in ("patient_name", "patient_id", "birth_date", "accession") and value
+    }
+    secrets_ |= {s.split("^")[0] for s in list(secrets_) if "^" in s}  # family names alone
+    assert len(secrets_) >= 12
+    with caplog.at_level(logging.DEBUG):
+        result = ingest_flow(root=str(out / "demo-cohort" / "dicom"),
+                             output_root=str(tmp_path / "out"), force=True)
+    print(json.dumps(result))
+    texts = [caplog.text, capsys.readouterr().out]
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            texts.append((gzip.decompress(data) if path.suffix == ".gz" else data)
+                         .decode("latin-1"))
+            texts.append(str(path))
+    engine = make_engine(f"sqlite:///{tmp_path / 'out' / 'provenance.sqlite'}")
+    with engine.connect() as connection:
+        tables = [r[0] for r in connection.execute(
+            text("SELECT name FROM sqlite_master WHERE type='table'"))]
+        for table in tables:
+            texts.extend(str(tuple(r)) for r in connection.execute(text(f"SELECT * FROM {table}")))
+    everything = "\n".join(texts)
+    leaked = sorted(s for s in secrets_ if s in everything)
+    assert leaked == []
