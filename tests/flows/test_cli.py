@@ -67,3 +67,18 @@ def _toml(tmp_path: Path) -> str:
     config = tmp_path / "c.toml"
     config.write_text(f'output_root = "{tmp_path / "out"}"\n')
     return str(config)
+
+
+def test_prefect_yaml_entrypoints_are_flows() -> None:
+    import importlib
+
+    import yaml
+    from prefect import Flow
+
+    spec = yaml.safe_load((Path(__file__).parents[2] / "prefect.yaml").read_text())
+    assert {d["name"] for d in spec["deployments"]} >= {"ingest-on-demand", "ingest-nightly"}
+    for deployment in spec["deployments"]:
+        module, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
+        assert isinstance(flow, Flow)
+        assert deployment["work_pool"]["name"] == "cpu-pool"
