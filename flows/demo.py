@@ -18,6 +18,7 @@ from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 
 from flows.ingest import ingest_exams
+from flows.patient import preprocess_exams
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.settings import load_settings
 from flows.steps import FileRef, RunContext, execute_step
@@ -59,7 +60,7 @@ def demo_flow(
     output_root: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Generate ``patients`` synthetic exams and ingest them; return per-patient results."""
+    """Generate ``patients`` synthetic exams and process them; return per-patient results."""
     settings = load_settings(config_file, output_root=output_root)
     n = patients if patients is not None else settings.demo.patients
     seed = seed if seed is not None else settings.demo.seed
@@ -83,5 +84,6 @@ def demo_flow(
         )
         exams = discover_exams(root / "dicom")
         results = ingest_exams(exams, ctx, key, settings.steps.ingest)
+        results = preprocess_exams(results, ctx, settings)
         run.finish(results)
     return {"cohort": str(root), "patients": results}

@@ -110,7 +110,7 @@ def ingest_one(
             raise InputError(result.error or "ingest failed", patient=patient, step=STEP)
         data = result.to_dict()
         write_json_atomic(sidecar, data)
-        outputs = [FileRef.of(_role(s), out_dir / s["image"]) for s in data["series"]]
+        outputs = [FileRef.of(ingest_role(s), out_dir / s["image"]) for s in data["series"]]
         return outputs + [FileRef.of("ingest_json", sidecar)], data
 
     def on_record(session: Session, _step_run_id: int) -> None:
@@ -135,7 +135,7 @@ def ingest_one(
     return outcome.details | {"cached": outcome.status == "cached"}
 
 
-def _role(series: dict[str, Any]) -> str:
+def ingest_role(series: dict[str, Any]) -> str:
     """Artifact role of an ingested image, e.g. ``t2w``, ``dwi_b800``, ``adc_scanner``."""
     kind, b = series["kind"], series["b_value"]
     if kind == "t2w":

@@ -40,6 +40,10 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from tasks.bias import N4Params
+from tasks.denoise import SusanParams, T2DenoiseParams
+from tasks.dwi import DwiFitParams
+
 ENV_PREFIX = "PROSTATE_COHORT_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
 KEY_FILE_NAME = ".pseudonym-key"
@@ -124,6 +128,10 @@ class StepSettings(_Section):
     """Per-step parameters, each the parameter model the step itself defines."""
 
     ingest: IngestSettings = IngestSettings()
+    dwi_fit: DwiFitParams = DwiFitParams()
+    t2_denoise: T2DenoiseParams = T2DenoiseParams()
+    susan: SusanParams = SusanParams()
+    n4: N4Params = N4Params()
 
 
 class Settings(BaseSettings):

@@ -45,7 +45,8 @@ def test_demo_generates_and_ingests_every_patient(demo) -> None:
     assert [p["status"] for p in result["patients"]] == ["ok"] * 4
     db = out / "provenance.sqlite"
     steps = _rows(db, "step_run")
-    assert sorted(s["step"] for s in steps) == ["ingest"] * 4 + ["synthesize"] * 4
+    chain = ["denoise", "ingest", "n4", "standardize_b1000", "synthesize"]
+    assert sorted(s["step"] for s in steps) == sorted(chain * 4)
     assert all(s["status"] == "completed" and s["cache_key"] for s in steps)
     assert all(s["prefect_task_run_id"] and s["prefect_flow_run_id"] for s in steps)
     series = _rows(db, "series")
@@ -55,6 +56,9 @@ def test_demo_generates_and_ingests_every_patient(demo) -> None:
     assert any(not s["selected"] for s in series)  # distractors recorded as rejected
     for s in chosen:
         assert Path(s["image_path"]).is_file()
+    for patient in result["patients"]:  # the chain's last output exists for every exam
+        assert Path(patient["preprocessed"]["t2w"]).name.endswith("_desc-n4_T2w.nii.gz")
+        assert Path(patient["preprocessed"]["t2w"]).is_file()
     runs = _rows(db, "pipeline_run")
     assert [r["status"] for r in runs] == ["completed"]
     assert json.loads(runs[0]["summary"])["patients"] == 4
