@@ -8,7 +8,15 @@ from typing import Any
 from prefect.futures import PrefectFuture
 
 from flows.ingest import PATIENTS_DIR, ingest_role
-from flows.preprocess import ExamImages, denoise_task, n4_task, standardize_task
+from flows.preprocess import (
+    ExamImages,
+    adc_task,
+    denoise_task,
+    dwi_refs,
+    n4_task,
+    register_task,
+    standardize_task,
+)
 from flows.settings import Settings
 from flows.steps import FileRef, RunContext
 from tasks.ingest import exam_dir
@@ -25,7 +33,7 @@ def ingested_refs(result: dict[str, Any], out_dir: Path) -> list[FileRef]:
 def submit_preprocessing(
     result: dict[str, Any], ctx: RunContext, settings: Settings
 ) -> PrefectFuture:
-    """Submit b1000 standardisation -> denoising -> N4 for one ingested exam.
+    """Submit b1000 -> denoising -> N4 -> registration -> ADC for one ingested exam.
 
     Returns the future of the last step; each step waits for the one before.
     """
@@ -42,7 +50,10 @@ def submit_preprocessing(
     denoised = denoise_task.submit(
         patient, folder, standardized, ctx, steps.t2_denoise, steps.susan
     )
-    return n4_task.submit(patient, folder, denoised, ctx, steps.n4)
+    corrected = n4_task.submit(patient, folder, denoised, ctx, steps.n4)
+    registered = register_task.submit(patient, folder, corrected, ctx, steps.registration)
+    acquired = tuple(sorted(dwi_refs(list(images.dwi))))
+    return adc_task.submit(patient, folder, registered, acquired, ctx, steps.dwi_fit)
 
 
 def preprocess_exams(
@@ -62,7 +73,7 @@ def preprocess_exams(
     for i, future in futures.items():
         future.wait()
         if future.state.is_completed():
-            out[i]["preprocessed"] = {"t2w": future.result().t2w.path}
+            out[i]["outputs"] = {role: ref.path for role, ref in future.result().items()}
             continue
         step, error = _first_failure(future)
         out[i].update(status="error", step=step, error=error)

@@ -13,6 +13,7 @@ and recorded through :func:`flows.steps.execute_step`. File names (BIDS-like ent
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,19 @@ from flows.resources import apply_thread_limits
 from flows.steps import FileRef, RunContext, execute_step, is_transient
 from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
 from tasks.denoise import SusanParams, T2DenoiseParams, denoise_dwi, denoise_t2
-from tasks.dwi import DwiFitParams, standardize_b1000
+from tasks.dwi import DwiFitParams, compute_adc, standardize_b1000
 from tasks.io import write_image_atomic
+from tasks.register import (
+    RegistrationParams,
+    align_dwi_to_t2,
+    load_transform,
+    motion_correct_dwi,
+    resample_to_reference,
+    save_transform,
+)
 
 B1000 = 1000.0
+_DWI_ROLE = re.compile(r"^dwi_b(?P<b>\d+(?:p\d+)?)(?:_|$)")
 
 
 @dataclass(frozen=True)
@@ -62,9 +72,9 @@ def dwi_refs(refs: list[FileRef]) -> dict[float, FileRef]:
     """``{b: ref}`` from refs whose role is ``dwi_b<b>`` (any suffix after the b-value)."""
     out = {}
     for ref in refs:
-        if ref.role.startswith("dwi_b"):
-            label = ref.role.removeprefix("dwi_b").split("_")[0]
-            out[float(label.replace("p", "."))] = ref
+        match = _DWI_ROLE.match(ref.role)
+        if match:
+            out[float(match["b"].replace("p", "."))] = ref
     return out
 
 
@@ -182,4 +192,110 @@ def n4_task(
         return outputs + [FileRef.of("dwi_biasfield", dwi_field_path)], {}
 
     out = _run(ctx, patient, "n4", "1", [t2w, *images.dwi], params.model_dump(mode="json"), work)
-    return ExamImages(out[0], tuple(r for r in out if r.role.startswith("dwi_b")))
+    return ExamImages(out[0], tuple(dwi_refs(out).values()))
+
+
+@dataclass(frozen=True)
+class RegisteredImages:
+    """After registration: motion-corrected DWI on the lowest-b grid, and the T2->DWI map."""
+
+    t2w: FileRef
+    dwi: tuple[FileRef, ...]
+    t2_to_dwi: FileRef
+
+
+@task(
+    name="register",
+    task_run_name="register-{patient}",
+    cache_policy=NONE,
+    retries=1,
+    retry_condition_fn=is_transient,
+)
+def register_task(
+    patient: str, exam_dir: Path, images: ExamImages, ctx: RunContext, params: RegistrationParams
+) -> RegisteredImages:
+    """Elastix: each b rigidly to the lowest b; T2<->DWI affine; b1000 onto the T2 grid."""
+    t2w, refs = images.t2w, dwi_refs(list(images.dwi))
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        volumes = {b: _read(r.path) for b, r in refs.items()}
+        corrected, transforms = motion_correct_dwi(volumes, params=params)
+        outputs = []
+        for b, image in sorted(corrected.items()):
+            path = derivative_path(exam_dir, datatype="dwi", desc="moco", suffix="dwi", b=b)
+            write_image_atomic(image, path)
+            outputs.append(FileRef.of(f"dwi_b{b_label(b)}_moco", path))
+            tfm = exam_dir / "xfm" / f"{path.name.removesuffix('.nii.gz')}_to-lowb.tfm"
+            save_transform(transforms[b], tfm)
+            outputs.append(FileRef.of(f"xfm_b{b_label(b)}_to_lowb", tfm))
+        t2 = _read(t2w.path)
+        alignment = align_dwi_to_t2(t2, corrected[min(corrected)], params=params)
+        tfm = exam_dir / "xfm" / f"{exam_dir.parent.name}_{exam_dir.name}_from-T2w_to-dwi.tfm"
+        save_transform(alignment.transform, tfm)
+        outputs.append(FileRef.of("xfm_t2_to_dwi", tfm))
+        b1000 = resample_to_reference(
+            corrected[B1000], t2, alignment.transform, threads=params.threads
+        )
+        prefix = f"{exam_dir.parent.name}_{exam_dir.name}"
+        path = exam_dir / "dwi" / f"{prefix}_space-T2w_b1000_dwi.nii.gz"
+        write_image_atomic(b1000, path)
+        outputs.append(FileRef.of("dwi_b1000", path))
+        return outputs, {}
+
+    out = _run(
+        ctx, patient, "register", "1", [t2w, *images.dwi], params.model_dump(mode="json"), work
+    )
+    return RegisteredImages(
+        t2w=t2w,
+        dwi=tuple(r for r in dwi_refs(out).values() if r.role.endswith("_moco")),
+        t2_to_dwi=next(r for r in out if r.role == "xfm_t2_to_dwi"),
+    )
+
+
+@task(
+    name="adc",
+    task_run_name="adc-{patient}",
+    cache_policy=NONE,
+    retries=1,
+    retry_condition_fn=is_transient,
+)
+def adc_task(
+    patient: str,
+    exam_dir: Path,
+    images: RegisteredImages,
+    acquired_b: tuple[float, ...],
+    ctx: RunContext,
+    params: DwiFitParams,
+) -> dict[str, FileRef]:
+    """ADC (mm²/s, float32) from the co-registered ACQUIRED b-volumes; also on the T2 grid.
+
+    An extrapolated b1000 is never part of the fit (it is itself a fit of these volumes).
+    """
+    refs = {
+        b: r
+        for b, r in dwi_refs(list(images.dwi)).items()
+        if any(abs(b - a) <= 1 for a in acquired_b)
+    }
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        adc = compute_adc({b: _read(r.path) for b, r in refs.items()}, params=params)
+        prefix = f"{exam_dir.parent.name}_{exam_dir.name}"
+        native = exam_dir / "dwi" / f"{prefix}_desc-fit_adc.nii.gz"
+        write_image_atomic(adc, native)
+        t2 = _read(images.t2w.path)
+        on_t2 = resample_to_reference(adc, t2, load_transform(images.t2_to_dwi.path))
+        t2_grid = exam_dir / "dwi" / f"{prefix}_space-T2w_desc-fit_adc.nii.gz"
+        write_image_atomic(on_t2, t2_grid)
+        return [FileRef.of("adc_native", native), FileRef.of("adc", t2_grid)], {}
+
+    inputs = [*refs.values(), images.t2w, images.t2_to_dwi]
+    out = _run(
+        ctx,
+        patient,
+        "adc",
+        "1",
+        inputs,
+        params.model_dump(mode="json") | {"fit_b_values": sorted(refs)},
+        work,
+    )
+    return {r.role: r for r in out} | {"t2w": images.t2w}

@@ -43,6 +43,7 @@ from sqlalchemy.exc import ArgumentError
 from tasks.bias import N4Params
 from tasks.denoise import SusanParams, T2DenoiseParams
 from tasks.dwi import DwiFitParams
+from tasks.register import RegistrationParams
 
 ENV_PREFIX = "PROSTATE_COHORT_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
@@ -132,6 +133,7 @@ class StepSettings(_Section):
     t2_denoise: T2DenoiseParams = T2DenoiseParams()
     susan: SusanParams = SusanParams()
     n4: N4Params = N4Params()
+    registration: RegistrationParams = RegistrationParams()
 
 
 class Settings(BaseSettings):

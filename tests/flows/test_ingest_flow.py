@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 from sqlalchemy import text
 
 from db.store import make_engine
@@ -45,7 +46,7 @@ def test_demo_generates_and_ingests_every_patient(demo) -> None:
     assert [p["status"] for p in result["patients"]] == ["ok"] * 4
     db = out / "provenance.sqlite"
     steps = _rows(db, "step_run")
-    chain = ["denoise", "ingest", "n4", "standardize_b1000", "synthesize"]
+    chain = ["adc", "denoise", "ingest", "n4", "register", "standardize_b1000", "synthesize"]
     assert sorted(s["step"] for s in steps) == sorted(chain * 4)
     assert all(s["status"] == "completed" and s["cache_key"] for s in steps)
     assert all(s["prefect_task_run_id"] and s["prefect_flow_run_id"] for s in steps)
@@ -56,9 +57,13 @@ def test_demo_generates_and_ingests_every_patient(demo) -> None:
     assert any(not s["selected"] for s in series)  # distractors recorded as rejected
     for s in chosen:
         assert Path(s["image_path"]).is_file()
-    for patient in result["patients"]:  # the chain's last output exists for every exam
-        assert Path(patient["preprocessed"]["t2w"]).name.endswith("_desc-n4_T2w.nii.gz")
-        assert Path(patient["preprocessed"]["t2w"]).is_file()
+    for patient in result["patients"]:  # the chain's outputs exist for every exam
+        outputs = {role: Path(path) for role, path in patient["outputs"].items()}
+        assert set(outputs) == {"t2w", "adc", "adc_native"}
+        assert outputs["t2w"].name.endswith("_desc-n4_T2w.nii.gz")
+        t2, adc = (sitk.ReadImage(str(outputs[r])) for r in ("t2w", "adc"))
+        assert (adc.GetSize(), adc.GetOrigin()) == (t2.GetSize(), t2.GetOrigin())
+        assert adc.GetSpacing() == t2.GetSpacing() and adc.GetDirection() == t2.GetDirection()
     runs = _rows(db, "pipeline_run")
     assert [r["status"] for r in runs] == ["completed"]
     assert json.loads(runs[0]["summary"])["patients"] == 4
@@ -76,8 +81,9 @@ def test_rerun_is_cached_without_duplicate_rows(demo) -> None:
 
 def test_changed_output_is_recomputed(demo) -> None:
     out, result = demo
-    victim = next(p for p in sorted((out / "patients").rglob("*_T2w.nii.gz"))
-                  if "_desc-" not in p.name)  # the ingested T2, not a derivative
+    victim = next(
+        p for p in sorted((out / "patients").rglob("*_T2w.nii.gz")) if "_desc-" not in p.name
+    )  # the ingested T2, not a derivative
     victim.write_bytes(b"corrupted")
     again = demo_flow(patients=4, seed=0, output_root=str(out))
     assert sum(not p["cached"] for p in again["patients"]) == 1
@@ -89,8 +95,14 @@ def test_bad_exam_fails_alone_and_is_recorded(demo, tmp_path: Path) -> None:
     cohort = tmp_path / "cohort"
     shutil.copytree(out / "demo-cohort" / "dicom", cohort)
     broken = sorted(p for p in cohort.iterdir())[1]
-    t2 = next(d for d in broken.rglob("*") if d.is_dir() and "t2" in d.name.lower()
-              and "sag" not in d.name.lower() and "cor" not in d.name.lower())
+    t2 = next(
+        d
+        for d in broken.rglob("*")
+        if d.is_dir()
+        and "t2" in d.name.lower()
+        and "sag" not in d.name.lower()
+        and "cor" not in d.name.lower()
+    )
     middle = sorted(t2.iterdir())[len(list(t2.iterdir())) // 2]
     middle.unlink()
     result = ingest_flow(root=str(cohort), output_root=str(tmp_path / "out"))
@@ -122,22 +134,47 @@ def test_no_identifier_reaches_outputs_logs_or_database(
     secrets_ |= {s.split("^")[0] for s in list(secrets_) if "^" in s}  # family names alone
     assert len(secrets_) >= 12
     with caplog.at_level(logging.DEBUG):
-        result = ingest_flow(root=str(out / "demo-cohort" / "dicom"),
-                             output_root=str(tmp_path / "out"), force=True)
+        result = ingest_flow(
+            root=str(out / "demo-cohort" / "dicom"), output_root=str(tmp_path / "out"), force=True
+        )
     print(json.dumps(result))
     texts = [caplog.text, capsys.readouterr().out]
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             data = path.read_bytes()
-            texts.append((gzip.decompress(data) if path.suffix == ".gz" else data)
-                         .decode("latin-1"))
+            texts.append(
+                (gzip.decompress(data) if path.suffix == ".gz" else data).decode("latin-1")
+            )
             texts.append(str(path))
     engine = make_engine(f"sqlite:///{tmp_path / 'out' / 'provenance.sqlite'}")
     with engine.connect() as connection:
-        tables = [r[0] for r in connection.execute(
-            text("SELECT name FROM sqlite_master WHERE type='table'"))]
+        tables = [
+            r[0]
+            for r in connection.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))
+        ]
         for table in tables:
             texts.extend(str(tuple(r)) for r in connection.execute(text(f"SELECT * FROM {table}")))
     everything = "\n".join(texts)
     leaked = sorted(s for s in secrets_ if s in everything)
     assert leaked == []
+
+
+def test_chain_adc_matches_the_phantom_truth(demo) -> None:
+    """End to end (b1000, SUSAN, N4, motion correction, fit): ADC inside the gland vs truth."""
+    import numpy as np
+
+    from tasks.pseudonym import pseudonymous_id
+
+    out, result = demo
+    key = (out / ".pseudonym-key").read_text().strip()
+    by_patient = {p["patient"]: p for p in result["patients"]}
+    errors = []
+    for truth in sorted((out / "demo-cohort" / "truth").iterdir()):
+        outputs = by_patient[pseudonymous_id(truth.name, key)]["outputs"]
+        fitted = sitk.GetArrayFromImage(sitk.ReadImage(outputs["adc_native"]))
+        true = sitk.GetArrayFromImage(sitk.ReadImage(str(truth / "adc_true_dwi.nii.gz")))
+        gland = sitk.GetArrayFromImage(sitk.ReadImage(str(truth / "dwi_gland_mask.nii.gz"))) > 0
+        errors.append(float(np.median(np.abs(fitted[gland] - true[gland]) / true[gland])))
+    print("median abs relative ADC error per exam:", [f"{e:.3f}" for e in errors])
+    assert float(np.median(errors)) <= 0.03
+    assert max(errors) <= 0.04
