@@ -13,6 +13,8 @@ import sys
 import SimpleITK as sitk
 from threadpoolctl import threadpool_limits
 
+from tasks.register import set_itk_threads
+
 _BLAS_VARIABLES = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -36,5 +38,4 @@ def apply_thread_limits(threads: int) -> None:
     threadpool_limits(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
-    if "itk" in sys.modules:  # itk-elastix; importing it only to set threads costs seconds
-        sys.modules["itk"].MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
+    set_itk_threads(threads)  # itk-elastix, only if loaded (importing it costs seconds)
