@@ -48,6 +48,9 @@ SOFTWARE = (
     "nnunetv2",
     "torch",
     "pyradiomics-bhklab",
+    "lavlab-taps",
+    "onnxruntime-gpu",
+    "monai",
     "pydicom",
     "prefect",
 )

@@ -1,0 +1,233 @@
+"""Benchmark: the whole preprocessing chain of one exam, step by step, ours vs library defaults.
+
+The chain is the one ``flows/preprocess.py`` runs (b1000 standardisation -> T2 anisotropic
+diffusion + DWI SUSAN -> N4 -> elastix motion correction and T2<->DWI affine -> ADC ->
+resampling onto the T2 grid), called as plain functions on in-memory images, so the figures
+are the image work alone (no file I/O, no database, no Prefect).
+
+Baselines, measured in the same run on the same images:
+
+- T2 denoising: SimpleITK's ``CurvatureAnisotropicDiffusionImageFilter`` with its default
+  time step (0.0625; unstable for 0.5 mm voxels, see ``tasks/denoise.py``) and the same
+  iterations; its cost is the same, its output is not.
+- N4: SimpleITK's N4 at its defaults at full resolution without a mask takes minutes
+  (``benchmarks/results/preprocess.md``: 398 s wall on a 384x384x20 T2); with
+  ``--default-n4`` it is run here too.
+- ADC: the through-origin log-ratio formula of a widely used tool.
+- elastix: a cold worker (import itk + first ParameterObject) is what a fresh process per
+  task pays before its first registration; it is reported, not added to the chain.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_chain.py [--threads 1] [--default-n4]
+
+Writes ``benchmarks/results/chain.json`` and ``chain.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from flows.resources import apply_thread_limits
+from tasks import synthetic
+from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
+from tasks.denoise import SusanParams, T2DenoiseParams, denoise_dwi, denoise_t2
+from tasks.discover import discover_exams
+from tasks.dwi import DwiFitParams, compute_adc, standardize_b1000, through_origin_adc
+from tasks.ingest import ingest_exam
+from tasks.io import write_json_atomic, write_text_atomic
+from tasks.register import (
+    RegistrationParams,
+    align_dwi_to_t2,
+    motion_correct_dwi,
+    resample_to_reference,
+    warm_up,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_S = 15.0
+
+
+def timed(function: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """Run ``function``; return its result and wall / CPU seconds (CPU: all threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = function()
+    return result, {
+        "wall_s": round(time.perf_counter() - wall, 3),
+        "cpu_s": round(time.process_time() - cpu, 3),
+    }
+
+
+def load(root: Path, folder_prefix: str, out: Path) -> dict[str, Any]:
+    """Ingest one exam; return its T2 and DWI volumes (float32)."""
+    (exam,) = [e for e in discover_exams(root) if e.folder.startswith(folder_prefix)]
+    result = ingest_exam(exam, out_dir=out, key="bench")
+    images: dict[str, Any] = {"name": folder_prefix.rstrip("/"), "dwi": {}}
+    for series in result.series:
+        image = sitk.ReadImage(str(out / series.image), sitk.sitkFloat32)
+        if series.kind == "t2w":
+            images["t2"] = image
+        elif series.kind == "dwi":
+            images["dwi"][float(series.b_value)] = image
+    return images
+
+
+def run_chain(images: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Our chain with the default parameters; per-step timings, and under ``"t2_grid"`` the
+    images segmentation reads (T2, b1000 and ADC on the T2 grid; not JSON)."""
+    fit = DwiFitParams()
+    t2_params, susan = T2DenoiseParams(threads=threads), SusanParams()
+    n4, registration = N4Params(threads=threads), RegistrationParams(threads=threads)
+    steps: dict[str, dict[str, float]] = {}
+    dwi = dict(images["dwi"])
+    (b1000, _), steps["standardize_b1000"] = timed(lambda: standardize_b1000(dwi, params=fit))
+    acquired = sorted(dwi)
+    dwi_all = dwi | {1000.0: b1000}
+    t2, steps["denoise_t2"] = timed(lambda: denoise_t2(images["t2"], params=t2_params))
+    dwi_all, steps["denoise_dwi_susan"] = timed(lambda: denoise_dwi(dwi_all, params=susan))
+    (t2, _), steps["n4_t2"] = timed(lambda: correct_bias_n4(t2, params=n4))
+    (dwi_all, _), steps["n4_dwi"] = timed(lambda: correct_bias_dwi(dwi_all, params=n4))
+    (moco, _), steps["register_rigid_dwi"] = timed(
+        lambda: motion_correct_dwi(dwi_all, params=registration)
+    )
+    alignment, steps["register_affine_t2_dwi"] = timed(
+        lambda: align_dwi_to_t2(t2, moco[min(moco)], params=registration)
+    )
+    fitted = {b: moco[b] for b in acquired}
+    adc, steps["adc_fit"] = timed(lambda: compute_adc(fitted, params=fit))
+    (b1000_t2, adc_t2), steps["resample_to_t2"] = timed(
+        lambda: [
+            resample_to_reference(img, t2, alignment.transform, threads=threads)
+            for img in (moco[1000.0], adc)
+        ]
+    )
+    total = {k: round(sum(s[k] for s in steps.values()), 3) for k in ("wall_s", "cpu_s")}
+    grid = {"t2w": t2, "dwi_b1000": b1000_t2, "adc": adc_t2}
+    return {"steps": steps, "total": total, "fitted_b": acquired, "t2_grid": grid}
+
+
+def run_baselines(images: dict[str, Any], threads: int, default_n4: bool) -> dict[str, Any]:
+    """The same libraries at their defaults, where a default exists."""
+    out: dict[str, Any] = {}
+    t2 = images["t2"]
+
+    def default_diffusion() -> sitk.Image:
+        flt = sitk.CurvatureAnisotropicDiffusionImageFilter()  # default time step 0.0625
+        flt.SetNumberOfIterations(T2DenoiseParams().iterations)
+        flt.SetConductanceParameter(T2DenoiseParams().conductance)
+        flt.SetNumberOfThreads(threads)
+        return flt.Execute(t2)
+
+    smoothed, out["denoise_t2_default_time_step"] = timed(default_diffusion)
+    values = sitk.GetArrayViewFromImage(smoothed)
+    out["denoise_t2_default_time_step"]["finite"] = bool(np.isfinite(values).all())
+    stack = np.stack([sitk.GetArrayFromImage(images["dwi"][b]) for b in sorted(images["dwi"])])
+    _, out["adc_through_origin"] = timed(lambda: through_origin_adc(stack, sorted(images["dwi"])))
+    if default_n4:
+
+        def n4_defaults() -> sitk.Image:
+            return sitk.N4BiasFieldCorrectionImageFilter().Execute(t2)
+
+        _, out["n4_t2_defaults_full_resolution"] = timed(n4_defaults)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--default-n4", action="store_true")
+    args = parser.parse_args()
+    apply_thread_limits(args.threads)
+    report: dict[str, Any] = {
+        "threads": args.threads,
+        "target_s": TARGET_S,
+        "host": {"python": platform.python_version(), "machine": platform.machine()},
+        "exams": [],
+    }
+    _, report["elastix_warm_up"] = timed(lambda: warm_up(RegistrationParams()))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        exams = []
+        if DATA.is_dir():
+            exams.append(load(DATA, "ProstateX-0000/", root / "real"))
+        generated = synthetic.generate_exam(root / "syn", synthetic.plan_exam(0, 0))
+        exams.append(load(root / "syn" / "dicom", generated.patient_folder + "/", root / "out"))
+        for images in exams:
+            row = {
+                "exam": images["name"],
+                "t2_size": list(images["t2"].GetSize()),
+                "dwi_size": list(images["dwi"][min(images["dwi"])].GetSize()),
+                "b_values": sorted(images["dwi"]),
+                "ours": {
+                    k: v for k, v in run_chain(images, args.threads).items() if k != "t2_grid"
+                },
+                "baselines": run_baselines(images, args.threads, args.default_n4),
+            }
+            report["exams"].append(row)
+            print(json.dumps(row), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(RESULTS / "chain.json", report)
+    write_text_atomic(RESULTS / "chain.md", markdown(report))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The tables of ``chain.md``."""
+    lines = [
+        "# Preprocessing chain per exam (image work only)",
+        "",
+        f"ITK/BLAS threads: {report['threads']}; CPU = process time of all threads; "
+        f"target: whole chain <= {report['target_s']:g} s. elastix warm-up (once per worker "
+        f"process, not in the chain): {report['elastix_warm_up']['wall_s']:.1f} s.",
+        "",
+    ]
+    for row in report["exams"]:
+        ours, base = row["ours"], row["baselines"]
+        lines += [
+            f"## {row['exam']} (T2 {row['t2_size']}, DWI {row['dwi_size']}, "
+            f"b {', '.join(f'{b:g}' for b in row['b_values'])})",
+            "",
+            "| step | wall s | CPU s |",
+            "|---|---|---|",
+        ]
+        for name, cost in ours["steps"].items():
+            lines.append(f"| {name} | {cost['wall_s']:.2f} | {cost['cpu_s']:.2f} |")
+        total = ours["total"]
+        lines += [
+            f"| **whole chain** | **{total['wall_s']:.2f}** | **{total['cpu_s']:.2f}** |",
+            "",
+            f"Within the {report['target_s']:g} s target: {total['wall_s'] <= report['target_s']}.",
+            "",
+            "| baseline (library defaults) | wall s | CPU s | note |",
+            "|---|---|---|---|",
+        ]
+        for name, cost in base.items():
+            note = ""
+            if "finite" in cost:
+                note = "output finite" if cost["finite"] else "output has NaN/inf (unstable)"
+            ours_cost = {
+                "denoise_t2_default_time_step": ours["steps"]["denoise_t2"],
+                "adc_through_origin": ours["steps"]["adc_fit"],
+                "n4_t2_defaults_full_resolution": ours["steps"]["n4_t2"],
+            }[name]
+            ratio = cost["wall_s"] / max(ours_cost["wall_s"], 1e-9)
+            lines.append(
+                f"| {name} | {cost['wall_s']:.2f} | {cost['cpu_s']:.2f} | "
+                f"{ratio:.2f}x ours' wall time; {note} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
