@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from flows.settings import Settings, SettingsError, load_settings
@@ -55,6 +56,52 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="recompute cached steps")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    run = commands.add_parser(
+        "run",
+        help="run the whole pipeline over the exams under a folder",
+        description="Discover the exams under ROOT and run ingest, b1000 standardisation, "
+        "denoising, N4, registration, ADC, segmentation, volume, radiomics and QC figures. "
+        "Finished steps are reused (cache); --force recomputes.",
+    )
+    run.add_argument("root", help="cohort folder")
+    run.add_argument(
+        "--model",
+        action="append",
+        metavar="MODEL",
+        help="segmentation model: taps, demo or an nnU-Net v2 model folder; repeat to run "
+        "several (default: settings segmentation.model; 'auto' = taps on real exams)",
+    )
+    run.add_argument(
+        "--reference",
+        action="append",
+        metavar="DIR",
+        help="also evaluate the masks against the reference masks in DIR (see evaluate)",
+    )
+    run.add_argument(
+        "--reference-pattern", default="*", metavar="GLOB", help="reference file names"
+    )
+    run.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+    run.add_argument("--force", action="store_true", help="recompute cached steps")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="compare the predicted masks with reference masks (Dice, IoU, HD, HD95, ...)",
+        description="Match reference masks to processed exams and compute, per case and "
+        "model, Dice, IoU, Hausdorff distance (max and 95th percentile, mm), sensitivity, "
+        "precision and volume difference; mean ± SD per model and reference. DIR holds "
+        "DIR/<exam>.nii.gz (one reference named after DIR) or DIR/<exam>/<name>.nii.gz "
+        "(several references), <exam> being the exam folder or the original patient id. "
+        "Writes OUTPUT/evaluation/metrics.csv and summary.md and records the metrics.",
+    )
+    evaluate.add_argument(
+        "--reference", action="append", required=True, metavar="DIR", help="reference folder"
+    )
+    evaluate.add_argument("--pattern", default="*", metavar="GLOB", help="reference file names")
+    evaluate.add_argument("--model", action="append", metavar="MODEL", help="only this model")
+    evaluate.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
     ingest = commands.add_parser(
         "ingest",
         help="find and ingest the exams under a folder",
@@ -66,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--output", metavar="DIR", help="output root (default ./output)")
     ingest.add_argument("--force", action="store_true", help="re-ingest cached exams")
     ingest.add_argument("--json", action="store_true", help="print one JSON object")
+
+    status = commands.add_parser(
+        "status",
+        help="where every patient stands, step by step (from the provenance database)",
+        description="Per patient: the latest state and error of every step and the paths of "
+        "the main outputs (t2w, dwi_b1000 and adc on the T2 grid, adc_native, mask, qc).",
+    )
+    status.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
 
     db = commands.add_parser("db", help="provenance database: migrate, show revision")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -84,7 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"prostate-cohort: {error}", file=sys.stderr)
         return 2
-    handler = {"demo": _demo, "ingest": _ingest, "db": _db, "config": _config}[args.command]
+    handler = {
+        "demo": _demo,
+        "run": _run,
+        "evaluate": _evaluate,
+        "ingest": _ingest,
+        "status": _status,
+        "db": _db,
+        "config": _config,
+    }[args.command]
     try:
         return handler(args, settings)
     except SettingsError as error:
@@ -94,6 +158,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def _config(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(settings.public_dict(), indent=2))
+    return 0
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from db.queries import patient_status
+    from db.store import current_revision, make_engine, session_scope
+
+    url = settings.resolved_database_url
+    if current_revision(url) is None:
+        print(f"prostate-cohort: no provenance database at {url}: nothing has run yet")
+        return 1
+    with session_scope(make_engine(url)) as session:
+        patients = patient_status(session)
+    if args.json:
+        print(json.dumps({"patients": patients}, indent=2))
+        return 0
+    for p in patients:
+        failed = [f"{step}: {s['error']}" for step, s in p["steps"].items() if s["error"]]
+        done = sum(s["state"] == "completed" for s in p["steps"].values())
+        line = f"  {p['patient']}  {p['source']}: {done}/{len(p['steps'])} steps completed"
+        print(line + (f"; FAILED {'; '.join(failed)}" if failed else ""))
+    print(f"{len(patients)} patients")
     return 0
 
 
@@ -118,14 +204,64 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     _prefect_defaults()
     from flows.demo import demo_flow
 
-    result = demo_flow.with_options(task_runner=_runner(settings))(
+    state = demo_flow.with_options(task_runner=_runner(settings))(
         patients=args.patients,
         seed=args.seed,
         config_file=args.config,
         output_root=str(settings.output_root),
         force=args.force,
+        return_state=True,
     )
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    print(f"run: {state.type.value.lower()}: {state.message}", file=sys.stderr)
     return _report(result["patients"], args.json, header=f"demo cohort: {result['cohort']}")
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    load_settings(args.config, data_root=args.root)  # fail early on a bad ROOT
+    _prefect_defaults()
+    from flows.cohort import cohort_flow
+
+    state = cohort_flow.with_options(task_runner=_runner(settings))(
+        root=args.root,
+        models=args.model,
+        config_file=args.config,
+        output_root=str(settings.output_root),
+        force=args.force,
+        return_state=True,
+    )
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    print(f"run: {state.type.value.lower()}: {state.message}", file=sys.stderr)
+    code = _report(result["patients"], args.json and not args.reference, header="processed")
+    if args.reference:
+        args.pattern, args.model = args.reference_pattern, None
+        return max(code, _evaluate(args, settings))
+    return code
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    _prefect_defaults()
+    from flows.evaluate import evaluate_flow
+
+    result = evaluate_flow(
+        references=args.reference,
+        pattern=args.pattern,
+        models=args.model,
+        config_file=args.config,
+        output_root=str(settings.output_root),
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0 if result["cases"] else 1
+    print(Path(result["folder"], "summary.md").read_text())
+    for line in result["unmatched"]:
+        print(f"  unmatched reference {line}")
+    print(f"{len(result['cases'])} cases; tables in {result['folder']}")
+    return 0 if result["cases"] else 1
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
@@ -154,7 +290,8 @@ def _report(patients: list[dict[str, Any]], as_json: bool, *, header: str) -> in
                 cached = " (cached)" if p.get("cached") else ""
                 print(f"  {p['patient']}  {p['source']}: ok{cached}: {found}")
             else:
-                print(f"  {p['patient']}  {p['source']}: ERROR: {p['error']}")
+                step = f" in step {p['step']}" if p.get("step") else ""
+                print(f"  {p['patient']}  {p['source']}: ERROR{step}: {p['error']}")
         n_failed = sum(p["status"] != "ok" for p in patients)
         print(f"{len(patients)} patients, {n_failed} failed")
     return 1 if any(p["status"] != "ok" for p in patients) else 0
@@ -174,6 +311,8 @@ def _json_entry(p: dict[str, Any]) -> dict[str, Any]:
         "error": p["error"],
         "series": [{k: s[k] for k in keep if k in s} for s in p["series"]],
         "rejected": p.get("rejected", []),
+        "step": p.get("step"),
+        "outputs": p.get("outputs", {}),
     }
 
 

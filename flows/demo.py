@@ -1,4 +1,4 @@
-"""The demo: make the synthetic cohort, then run the pipeline on it (as far as it is built).
+"""The demo: make the synthetic cohort, then run the whole pipeline on it.
 
 Layout under the output root::
 
@@ -16,10 +16,13 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
+from prefect.states import State
 
 from flows.ingest import ingest_exams
-from flows.patient import preprocess_exams
+from flows.patient import process_exams
+from flows.report import final_state, publish_run
 from flows.runs import pipeline_run, pseudonym_secret
+from flows.segment import resolve_models
 from flows.settings import load_settings
 from flows.steps import FileRef, RunContext, execute_step
 from tasks.discover import discover_exams
@@ -59,8 +62,11 @@ def demo_flow(
     config_file: str | None = None,
     output_root: str | None = None,
     force: bool = False,
-) -> dict[str, Any]:
-    """Generate ``patients`` synthetic exams and process them; return per-patient results."""
+) -> State:
+    """Generate ``patients`` synthetic exams and process them (result: per-patient entries).
+
+    Final state and artifacts as :func:`flows.cohort.cohort_flow`.
+    """
     settings = load_settings(config_file, output_root=output_root)
     n = patients if patients is not None else settings.demo.patients
     seed = seed if seed is not None else settings.demo.seed
@@ -84,6 +90,8 @@ def demo_flow(
         )
         exams = discover_exams(root / "dicom")
         results = ingest_exams(exams, ctx, key, settings.steps.ingest)
-        results = preprocess_exams(results, ctx, settings)
+        models = resolve_models([settings.segmentation.model], demo=True)
+        results = process_exams(results, ctx, settings, models)
         run.finish(results)
-    return {"cohort": str(root), "patients": results}
+        publish_run(ctx, results, title=f"Demo run ({n} synthetic exams)")
+    return final_state({"cohort": str(root), "patients": results, "models": models})

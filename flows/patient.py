@@ -7,6 +7,8 @@ from typing import Any
 
 from prefect.futures import PrefectFuture
 
+from db.queries import first_failures
+from db.store import session_scope
 from flows.ingest import PATIENTS_DIR, ingest_role
 from flows.preprocess import (
     ExamImages,
@@ -17,8 +19,15 @@ from flows.preprocess import (
     register_task,
     standardize_task,
 )
+from flows.segment import (
+    model_label,
+    qc_task,
+    radiomics_task,
+    segment_task,
+    segmentation_params,
+)
 from flows.settings import Settings
-from flows.steps import FileRef, RunContext
+from flows.steps import FileRef, RunContext, engine_for
 from tasks.ingest import exam_dir
 
 
@@ -30,12 +39,15 @@ def ingested_refs(result: dict[str, Any], out_dir: Path) -> list[FileRef]:
     ]
 
 
-def submit_preprocessing(
-    result: dict[str, Any], ctx: RunContext, settings: Settings
-) -> PrefectFuture:
-    """Submit b1000 -> denoising -> N4 -> registration -> ADC for one ingested exam.
+def submit_exam(
+    result: dict[str, Any], ctx: RunContext, settings: Settings, models: list[str]
+) -> dict[str, PrefectFuture]:
+    """Submit the whole chain for one ingested exam; return the futures of its last steps.
 
-    Returns the future of the last step; each step waits for the one before.
+    b1000 -> denoising -> N4 -> registration -> ADC, then per model: segmentation, then
+    radiomics and the QC figure. Each step waits for the one it reads from. The returned
+    dict maps ``"adc"``, ``"segment:<model>"``, ``"radiomics:<model>"`` and ``"qc:<model>"``
+    to their futures.
     """
     out_dir = ctx.output_root / PATIENTS_DIR
     refs = ingested_refs(result, out_dir)
@@ -53,31 +65,62 @@ def submit_preprocessing(
     corrected = n4_task.submit(patient, folder, denoised, ctx, steps.n4)
     registered = register_task.submit(patient, folder, corrected, ctx, steps.registration)
     acquired = tuple(sorted(dwi_refs(list(images.dwi))))
-    return adc_task.submit(patient, folder, registered, acquired, ctx, steps.dwi_fit)
+    adc = adc_task.submit(patient, folder, registered, acquired, ctx, steps.dwi_fit)
+    futures = {"adc": adc}
+    params = segmentation_params(settings.segmentation, ctx.threads)
+    for model in models:  # ``adc`` resolves to the T2-grid images by role
+        masks = segment_task.submit(patient, folder, adc, model, ctx, params)
+        futures[f"segment:{model}"] = masks
+        futures[f"radiomics:{model}"] = radiomics_task.submit(
+            patient, folder, adc, masks, model, ctx, settings.measure.radiomics_file
+        )
+        futures[f"qc:{model}"] = qc_task.submit(patient, folder, adc, masks, model, ctx)
+    return futures
 
 
-def preprocess_exams(
-    results: list[dict[str, Any]], ctx: RunContext, settings: Settings
+def process_exams(
+    results: list[dict[str, Any]], ctx: RunContext, settings: Settings, models: list[str]
 ) -> list[dict[str, Any]]:
-    """Run the preprocessing chain for every ingested exam; mark the ones that fail.
+    """Run the chain for every ingested exam; mark the ones that fail.
 
     A failed step fails only its own exam: the entry gets ``status="error"``, the ``step``
-    that failed and its error; the exams' other results are kept.
+    that failed and its error; the exam's finished outputs are kept (and listed).
     """
     futures = {
-        i: submit_preprocessing(r, ctx, settings)
+        i: submit_exam(r, ctx, settings, models)
         for i, r in enumerate(results)
         if r["status"] == "ok"
     }
-    out = [dict(r) for r in results]
-    for i, future in futures.items():
+    for future in (f for exam in futures.values() for f in exam.values()):
         future.wait()
-        if future.state.is_completed():
-            out[i]["outputs"] = {role: ref.path for role, ref in future.result().items()}
-            continue
-        step, error = _first_failure(future)
-        out[i].update(status="error", step=step, error=error)
+    with session_scope(engine_for(ctx.database_url)) as session:
+        recorded = first_failures(session, ctx.pipeline_run_id) if ctx.pipeline_run_id else {}
+    out = [dict(r) for r in results]
+    for i, exam_futures in futures.items():
+        outputs: dict[str, str] = {}
+        failure: tuple[str, str] | None = None
+        for name, future in exam_futures.items():
+            if future.state.is_completed():
+                outputs.update(_outputs_of(name, future.result(), first=models[0]))
+            else:
+                failure = failure or _first_failure(future)
+        out[i]["outputs"] = outputs
+        if failure is not None:  # the step as recorded; else what the error says
+            step, error = recorded.get(out[i]["patient"], failure)
+            out[i].update(status="error", step=step, error=error)
     return out
+
+
+def _outputs_of(name: str, value: Any, *, first: str) -> dict[str, str]:
+    """Output paths by role: ``mask:<model>``, ``qc:<model>``, ``radiomics:<model>`` per
+    model, and the first model's also as plain ``mask``, ``qc`` and ``radiomics``."""
+    if name == "adc":
+        return {role: ref.path for role, ref in value.items()}
+    kind, model = name.split(":", 1)
+    role = "mask" if kind == "segment" else kind
+    path = value["mask"].path if kind == "segment" else value.path
+    out = {f"{role}:{model_label(model)}": path}
+    return out | ({role: path} if model == first else {})
 
 
 def _first_failure(future: PrefectFuture) -> tuple[str, str]:

@@ -197,11 +197,13 @@ def n4_task(
 
 @dataclass(frozen=True)
 class RegisteredImages:
-    """After registration: motion-corrected DWI on the lowest-b grid, and the T2->DWI map."""
+    """After registration: motion-corrected DWI on the lowest-b grid, the T2->DWI map and
+    the b1000 volume resampled onto the T2 grid."""
 
     t2w: FileRef
     dwi: tuple[FileRef, ...]
     t2_to_dwi: FileRef
+    dwi_b1000: FileRef
 
 
 @task(
@@ -249,6 +251,7 @@ def register_task(
         t2w=t2w,
         dwi=tuple(r for r in dwi_refs(out).values() if r.role.endswith("_moco")),
         t2_to_dwi=next(r for r in out if r.role == "xfm_t2_to_dwi"),
+        dwi_b1000=next(r for r in out if r.role == "dwi_b1000"),
     )
 
 
@@ -298,4 +301,4 @@ def adc_task(
         params.model_dump(mode="json") | {"fit_b_values": sorted(refs)},
         work,
     )
-    return {r.role: r for r in out} | {"t2w": images.t2w}
+    return {r.role: r for r in out} | {"t2w": images.t2w, "dwi_b1000": images.dwi_b1000}

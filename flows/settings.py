@@ -118,6 +118,23 @@ class SegmentationSettings(_Section):
     )
 
 
+class MeasureSettings(_Section):
+    """Volume and radiomics."""
+
+    radiomics_file: str | None = Field(
+        None,
+        description="pyradiomics parameter file (YAML) with one section per image type; "
+        "default: the documented tasks/radiomics.yaml shipped with the package.",
+    )
+
+    @field_validator("radiomics_file")
+    @classmethod
+    def _file_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"file {value} does not exist")
+        return None if value is None else str(Path(value).expanduser().resolve())
+
+
 class DemoSettings(_Section):
     """The built-in synthetic demo cohort."""
 
@@ -162,6 +179,7 @@ class Settings(BaseSettings):
     threads: ThreadSettings = ThreadSettings()
     steps: StepSettings = StepSettings()
     segmentation: SegmentationSettings = SegmentationSettings()
+    measure: MeasureSettings = MeasureSettings()
     demo: DemoSettings = DemoSettings()
 
     @classmethod

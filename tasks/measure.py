@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -215,9 +216,17 @@ def _validate(params: dict[str, Any], image_type: str, source: str) -> None:
         raise fail(f"rejected by pyradiomics: {exc}") from exc
 
 
+#: pyradiomics is not thread-safe: its schema check (pykwalify) failed with YAML parse
+#: errors when two Prefect threads built extractors at once, and a failed feature is only
+#: logged to the shared "radiomics" logger, so concurrent extractions would see each
+#: other's errors. Every extractor construction and extraction holds this lock; parallel
+#: patients in separate processes (process workers, Dask) are not affected.
+_PYRADIOMICS = threading.RLock()
+
+
 def _extractor(params: Mapping[str, Any]) -> featureextractor.RadiomicsFeatureExtractor:
     """``RadiomicsFeatureExtractor`` from a copy of ``params`` (it validates them)."""
-    with warnings.catch_warnings():  # pykwalify (its schema checker) uses load_module()
+    with _PYRADIOMICS, warnings.catch_warnings():  # pykwalify uses load_module()
         warnings.filterwarnings("ignore", message=".*load_module", category=DeprecationWarning)
         return featureextractor.RadiomicsFeatureExtractor(copy.deepcopy(dict(params)))
 
@@ -403,7 +412,7 @@ def extract_radiomics(
             step=STEP,
         )
     mask = _on_grid(image, mask)
-    with _radiomics_errors() as errors:
+    with _PYRADIOMICS, _radiomics_errors() as errors:
         try:
             extractor = _extractor(params)
             result = extractor.execute(image, mask, label=int(label))

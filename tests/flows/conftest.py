@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +17,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> tuple[Path, dict]:
+    """The demo flow's output root and result: 4 synthetic exams through the whole chain."""
+    from flows.demo import demo_flow
+
+    out = tmp_path_factory.mktemp("demo")
+    result = demo_flow(patients=4, seed=0, output_root=str(out))
+    return out, result

@@ -76,7 +76,10 @@ def test_prefect_yaml_entrypoints_are_flows() -> None:
     from prefect import Flow
 
     spec = yaml.safe_load((Path(__file__).parents[2] / "prefect.yaml").read_text())
-    assert {d["name"] for d in spec["deployments"]} >= {"ingest-on-demand", "ingest-nightly"}
+    names = {d["name"] for d in spec["deployments"]}
+    assert names >= {"cohort-on-demand", "cohort-nightly", "ingest-on-demand", "evaluate-on-demand"}
+    nightly = next(d for d in spec["deployments"] if d["name"] == "cohort-nightly")
+    assert nightly["entrypoint"] == "flows/cohort.py:cohort_flow" and nightly["schedules"]
     for deployment in spec["deployments"]:
         module, name = deployment["entrypoint"].split(":")
         flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)

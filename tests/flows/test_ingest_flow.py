@@ -29,13 +29,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("demo")
-    result = demo_flow(patients=4, seed=0, output_root=str(out))
-    return out, result
-
-
 def _rows(db: Path, table: str) -> list[dict]:
     with make_engine(f"sqlite:///{db}").connect() as connection:
         return [dict(r._mapping) for r in connection.execute(text(f"SELECT * FROM {table}"))]
@@ -47,6 +40,7 @@ def test_demo_generates_and_ingests_every_patient(demo) -> None:
     db = out / "provenance.sqlite"
     steps = _rows(db, "step_run")
     chain = ["adc", "denoise", "ingest", "n4", "register", "standardize_b1000", "synthesize"]
+    chain += ["segment_demo", "radiomics_demo", "qc_demo"]
     assert sorted(s["step"] for s in steps) == sorted(chain * 4)
     assert all(s["status"] == "completed" and s["cache_key"] for s in steps)
     assert all(s["prefect_task_run_id"] and s["prefect_flow_run_id"] for s in steps)
@@ -59,11 +53,16 @@ def test_demo_generates_and_ingests_every_patient(demo) -> None:
         assert Path(s["image_path"]).is_file()
     for patient in result["patients"]:  # the chain's outputs exist for every exam
         outputs = {role: Path(path) for role, path in patient["outputs"].items()}
-        assert set(outputs) == {"t2w", "adc", "adc_native"}
+        assert set(outputs) == {"t2w", "adc", "adc_native", "dwi_b1000"} | {
+            f"{role}{model}" for role in ("mask", "qc", "radiomics") for model in ("", ":demo")
+        }
         assert outputs["t2w"].name.endswith("_desc-n4_T2w.nii.gz")
-        t2, adc = (sitk.ReadImage(str(outputs[r])) for r in ("t2w", "adc"))
-        assert (adc.GetSize(), adc.GetOrigin()) == (t2.GetSize(), t2.GetOrigin())
-        assert adc.GetSpacing() == t2.GetSpacing() and adc.GetDirection() == t2.GetDirection()
+        t2 = sitk.ReadImage(str(outputs["t2w"]))
+        for role in ("adc", "dwi_b1000", "mask"):  # what segmentation reads and writes
+            image = sitk.ReadImage(str(outputs[role]))
+            assert (image.GetSize(), image.GetOrigin()) == (t2.GetSize(), t2.GetOrigin())
+            assert image.GetSpacing() == t2.GetSpacing()
+            assert image.GetDirection() == t2.GetDirection()
     runs = _rows(db, "pipeline_run")
     assert [r["status"] for r in runs] == ["completed"]
     assert json.loads(runs[0]["summary"])["patients"] == 4

@@ -1,0 +1,198 @@
+"""Evaluation flow: predicted gland masks against reference masks, per case and mean ± SD.
+
+A reference folder holds, per exam, either one mask file named after the exam folder or
+the original patient id (``DIR/ProstateX-0000.nii.gz``; the reference is named after DIR)
+or a folder of that name with several masks (``DIR/ProstateX-0000/gland_Bosma22b.nii.gz``;
+each file is a reference named after the file). Names are matched to pseudonymous patients
+through the same keyed hash as ingest, or through the exam folder recorded at ingest, so
+no original identifier is stored. Every mask counts as "gland" (any non-zero label), so
+zonal masks compare as whole glands.
+
+Outputs under ``<output_root>/evaluation/``: ``metrics.csv`` (one row per case, model,
+reference), ``summary.md`` and ``summary.csv`` (mean ± SD per model and reference), and one
+QC figure per case with both outlines under the exam's ``figures/`` folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+from prefect import flow
+from prefect.logging import get_run_logger
+from sqlmodel import Session, select
+
+from db.models import Patient, Segmentation, Study
+from db.record import record_evaluation_metrics
+from db.store import session_scope
+from flows.runs import pipeline_run, pseudonym_secret
+from flows.settings import load_settings
+from flows.steps import engine_for
+from tasks.errors import InputError
+from tasks.evaluate import (
+    evaluate_masks,
+    format_markdown_table,
+    summarize,
+    write_cases_csv,
+    write_summary_csv,
+)
+from tasks.io import write_text_atomic
+from tasks.pseudonym import pseudonymous_id
+from tasks.qc import qc_figure
+
+EVALUATION_DIR = "evaluation"
+MASK_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference mask: the exam name it belongs to, the reference's name, the file."""
+
+    exam: str
+    name: str
+    path: Path
+
+
+def _stem(path: Path) -> str | None:
+    for suffix in MASK_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def find_references(folder: Path, pattern: str = "*") -> list[Reference]:
+    """Reference masks under ``folder`` (layouts in the module docstring), sorted.
+
+    ``pattern`` is a glob on the mask file name (e.g. ``gland_*``).
+
+    Raises
+    ------
+    InputError
+        If ``folder`` is not a folder or holds no mask.
+    """
+    if not folder.is_dir():
+        raise InputError(f"reference folder {folder} does not exist", step="evaluate")
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and _stem(entry) and entry.match(pattern):
+            found.append(Reference(_stem(entry), folder.name, entry))
+        elif entry.is_dir():
+            for mask in sorted(entry.iterdir()):
+                if mask.is_file() and _stem(mask) and mask.match(pattern):
+                    found.append(Reference(entry.name, _stem(mask), mask))
+    if not found:
+        raise InputError(
+            f"no reference masks matching {pattern!r} in {folder}",
+            step="evaluate",
+            hint="name masks after the exam folder or patient id, e.g. ProstateX-0000.nii.gz",
+        )
+    return found
+
+
+def _patient_of(session: Session, exam: str, key: str) -> str | None:
+    """The pseudonymous id for an exam name: keyed hash, else the exam folder at ingest."""
+    pseudo = pseudonymous_id(exam, key)
+    if session.exec(select(Patient).where(Patient.pseudo_id == pseudo)).first():
+        return pseudo
+    for study in session.exec(select(Study)).all():
+        parts = Path(study.source).parts
+        if study.source == exam or (parts and parts[0] == exam):
+            return session.get(Patient, study.patient_id).pseudo_id
+    return None
+
+
+def _latest_masks(session: Session, patient: str) -> dict[str, str]:
+    """``{model: mask path}`` of the newest segmentation of each model for a patient."""
+    rows = session.exec(
+        select(Segmentation)
+        .join(Patient, Patient.id == Segmentation.patient_id)
+        .where(Patient.pseudo_id == patient)
+        .order_by(Segmentation.created_at)
+    ).all()
+    return {row.model: row.mask_path for row in rows if Path(row.mask_path).is_file()}
+
+
+def _t2_of(mask_path: str) -> Path | None:
+    """The preprocessed T2 beside a mask (``<exam>/anat/*_desc-n4_T2w.nii.gz``)."""
+    anat = Path(mask_path).parents[1] / "anat"
+    found = sorted(anat.glob("*_desc-n4_T2w.nii.gz"))
+    return found[0] if found else None
+
+
+@flow(name="evaluate")
+def evaluate_flow(
+    references: list[str],
+    pattern: str = "*",
+    models: list[str] | None = None,
+    config_file: str | None = None,
+    output_root: str | None = None,
+) -> dict[str, Any]:
+    """Compare every model's newest mask with every matching reference mask.
+
+    Returns ``{"cases": [...], "summary": [...], "unmatched": [...]}``; metrics are also
+    stored in the database (``evaluation_metric``) and written as CSV and Markdown.
+    """
+    settings = load_settings(config_file, output_root=output_root)
+    logger = get_run_logger()
+    found = [ref for folder in references for ref in find_references(Path(folder), pattern)]
+    key = pseudonym_secret(settings).get_secret_value()
+    cases: list[dict[str, Any]] = []
+    unmatched: list[str] = []
+    with pipeline_run(settings, command=f"evaluate {' '.join(references)}") as (ctx, run):
+        engine = engine_for(ctx.database_url)
+        for ref in found:
+            with session_scope(engine) as session:
+                patient = _patient_of(session, ref.exam, key)
+                masks = _latest_masks(session, patient) if patient else {}
+            masks = {m: p for m, p in masks.items() if not models or m in models}
+            if not masks:
+                unmatched.append(f"{ref.name}: {ref.path.name} (no processed exam with a mask)")
+                continue
+            reference = sitk.ReadImage(str(ref.path))
+            for model, mask_path in sorted(masks.items()):
+                metrics = evaluate_masks(sitk.ReadImage(mask_path), reference)
+                case = {"patient": patient, "model": model, "reference": ref.name} | metrics
+                cases.append(case)
+                with session_scope(engine) as session:
+                    record_evaluation_metrics(
+                        session,
+                        patient_pseudo_id=patient,
+                        model=model,
+                        reference=ref.name,
+                        label_name="gland",
+                        metrics=metrics,
+                        pipeline_run_id=ctx.pipeline_run_id,
+                    )
+                t2 = _t2_of(mask_path)
+                if t2 is not None:
+                    figure = (
+                        Path(mask_path).parents[1]
+                        / "figures"
+                        / (
+                            f"{Path(mask_path).parents[1].parent.name}_"
+                            f"{Path(mask_path).parents[1].name}_model-{model}_ref-{ref.name}"
+                            "_desc-qc_mask.png"
+                        )
+                    )
+                    qc_figure(
+                        sitk.ReadImage(str(t2), sitk.sitkFloat32),
+                        sitk.ReadImage(mask_path, sitk.sitkUInt8),
+                        figure,
+                        reference=sitk.ReadImage(str(ref.path), sitk.sitkUInt8),
+                        title=f"{patient} model {model} vs {ref.name}",
+                    )
+                    case["qc"] = str(figure)
+        summary = []
+        for model in sorted({c["model"] for c in cases}):
+            for name in sorted({c["reference"] for c in cases if c["model"] == model}):
+                group = [c for c in cases if c["model"] == model and c["reference"] == name]
+                summary.append({"model": model, "reference": name} | summarize(group))
+        out = settings.output_root / EVALUATION_DIR
+        write_cases_csv(out / "metrics.csv", cases)
+        write_summary_csv(out / "summary.csv", summary)
+        write_text_atomic(out / "summary.md", format_markdown_table(summary))
+        logger.info("evaluated %d cases; %d references unmatched", len(cases), len(unmatched))
+        run.finish([])
+    return {"cases": cases, "summary": summary, "unmatched": unmatched, "folder": str(out)}

@@ -1,0 +1,363 @@
+"""Segmentation, volume, radiomics and QC figure as Prefect tasks: one task run per step,
+exam and model.
+
+Each model's outputs carry a ``model-<name>`` entity, so several models can be run on the
+same exam and compared::
+
+    <exam>/seg/<p>_<s>_space-T2w_model-<m>_dseg.nii.gz   label map on the T2 grid (uint8)
+    <exam>/seg/<p>_<s>_space-T2w_model-<m>_dseg.json     label names, model and its sha256
+    <exam>/seg/<p>_<s>_model-<m>_radiomics.csv           features, long form
+    <exam>/figures/<p>_<s>_model-<m>_desc-qc_mask.png    T2 with the mask outlined
+
+The model's content hash is part of every cache key, so a retrained model recomputes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+from prefect import task
+from prefect.cache_policies import NONE
+from sqlmodel import Session, select
+
+from db.models import Segmentation
+from db.record import record_radiomics_features, record_segmentation
+from flows.resources import apply_thread_limits
+from flows.settings import SegmentationSettings
+from flows.steps import FileRef, RunContext, execute_step, is_transient
+from tasks.errors import InputError
+from tasks.io import write_image_atomic, write_json_atomic, write_text_atomic
+from tasks.measure import (
+    extract_radiomics,
+    load_radiomics_settings,
+    mask_volume_ml,
+    radiomics_settings_hash,
+)
+from tasks.qc import qc_figure
+from tasks.segment import SegmentationInputs, SegmentationParams, get_backend
+
+#: T2-grid images a backend may read, by role.
+SEGMENTATION_ROLES = ("t2w", "dwi_b1000", "adc")
+#: Images features are extracted from: our role -> the name stored with each feature.
+RADIOMICS_IMAGES = {"t2w": "t2w", "adc": "adc", "dwi_b1000": "b1000"}
+#: Label value recorded for the union of all labels of a multi-label (zonal) model.
+WHOLE_GLAND_LABEL = 0
+
+
+def model_label(spec: str) -> str:
+    """File-name-safe name of a model spec: ``demo``, ``taps`` or the folder's name."""
+    name = spec if spec in ("demo", "taps") else Path(spec).name
+    return re.sub(r"[^A-Za-z0-9]+", "", name) or "model"
+
+
+def segmentation_params(settings: SegmentationSettings, threads: int) -> SegmentationParams:
+    """The backend parameters from the settings (``folds`` ``"all"``: every fold folder)."""
+    folds = None if "all" in settings.folds else tuple(settings.folds)
+    return SegmentationParams(
+        device=settings.device,
+        folds=folds,
+        checkpoint=settings.checkpoint,
+        use_mirroring=settings.use_mirroring,
+        tile_step_size=settings.tile_step_size,
+        channel_map=dict(settings.channel_map),
+        threads=threads,
+    )
+
+
+def _prefix(exam_dir: Path) -> str:
+    return f"{exam_dir.parent.name}_{exam_dir.name}"
+
+
+def _read(ref: FileRef | None) -> sitk.Image | None:
+    return None if ref is None else sitk.ReadImage(ref.path, sitk.sitkFloat32)
+
+
+def _masks(labels: sitk.Image, names: dict[int, str]) -> dict[str, tuple[sitk.Image, int]]:
+    """``{label name: (mask image, label value)}``; multi-label maps add the whole gland."""
+    masks = {name: (labels, value) for value, name in sorted(names.items())}
+    if len(names) > 1:
+        masks["gland"] = (sitk.Cast(labels > 0, sitk.sitkUInt8), 1)
+    return masks
+
+
+@task(
+    name="segment",
+    task_run_name="segment-{model}-{patient}",
+    cache_policy=NONE,
+    retries=1,
+    retry_condition_fn=is_transient,
+)
+def segment_task(
+    patient: str,
+    exam_dir: Path,
+    images: dict[str, FileRef],
+    model: str,
+    ctx: RunContext,
+    params: SegmentationParams,
+) -> dict[str, FileRef]:
+    """Segment the gland with ``model``; record the mask and the volume of every label (mL).
+
+    ``images`` holds the T2-grid inputs by role (``t2w``, ``dwi_b1000``, ``adc``; other
+    roles are ignored).
+    Returns the mask and its JSON sidecar by role (``mask``, ``mask_json``).
+    """
+    apply_thread_limits(ctx.threads)
+    label = model_label(model)
+    inputs = [images[role] for role in SEGMENTATION_ROLES if role in images]
+    try:
+        backend = get_backend(model, params)
+    except InputError as error:  # a missing or broken model: on record for this patient
+        parameters = params.model_dump(mode="json") | {"model": label}
+        record_failure(ctx, patient, f"segment_{label}", inputs, parameters, error)
+        raise
+    path = exam_dir / "seg" / f"{_prefix(exam_dir)}_space-T2w_model-{label}_dseg.nii.gz"
+    sidecar = path.with_name(path.name.replace(".nii.gz", ".json"))
+    made: dict[str, Any] = {}
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        result = backend.segment(
+            SegmentationInputs(
+                t2w=_read(images["t2w"]),
+                dwi_b1000=_read(images.get("dwi_b1000")),
+                adc=_read(images.get("adc")),
+            )
+        )
+        sha = write_image_atomic(result.labels, path)
+        volumes = {
+            name: mask_volume_ml(mask, value)
+            for name, (mask, value) in _masks(result.labels, result.label_names).items()
+        }
+        made.update(
+            model=result.model,
+            model_hash=result.model_hash,
+            labels={str(k): v for k, v in result.label_names.items()},
+            volumes_ml={name: ml for name, (_n, ml) in volumes.items()},
+        )
+        write_json_atomic(sidecar, made | {"mask_sha256": sha, "space": "T2w"})
+        made["counts"] = volumes
+        made["sha"] = sha
+        return [FileRef.of("mask", path), FileRef.of("mask_json", sidecar)], {}
+
+    def on_record(session: Session, step_run_id: int) -> None:
+        values = {name: value for value, name in _label_names(made["labels"]).items()}
+        for name, (count, ml) in made["counts"].items():
+            record_segmentation(
+                session,
+                patient_pseudo_id=patient,
+                step_run_id=step_run_id,
+                model=label,
+                model_hash=made["model_hash"],
+                mask_path=path,
+                mask_sha256=made["sha"],
+                label=values.get(name, WHOLE_GLAND_LABEL),
+                label_name=name,
+                voxel_count=count,
+                volume_ml=ml,
+            )
+
+    parameters = params.model_dump(mode="json") | {
+        "model": label,
+        "model_hash": backend.model_hash,
+    }
+    outcome = execute_step(
+        ctx,
+        patient=patient,
+        step=f"segment_{label}",
+        version="1",
+        inputs=inputs,
+        parameters=parameters,
+        run=work,
+        on_record=on_record,
+    )
+    return {ref.role: ref for ref in outcome.outputs}
+
+
+def record_failure(
+    ctx: RunContext,
+    patient: str,
+    step: str,
+    inputs: list[FileRef],
+    parameters: dict[str, Any],
+    error: Exception,
+) -> None:
+    """Record ``error`` as a failed run of ``step`` (for failures before the step's work)."""
+
+    def fail() -> tuple[list[FileRef], dict[str, Any]]:
+        raise error
+
+    try:
+        execute_step(
+            ctx,
+            patient=patient,
+            step=step,
+            version="1",
+            inputs=inputs,
+            parameters=parameters,
+            run=fail,
+        )
+    except type(error):
+        pass  # recorded; the caller re-raises the original
+
+
+def _label_names(labels: dict[str, str]) -> dict[int, str]:
+    return {int(k): v for k, v in labels.items()}
+
+
+def _features_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(
+        buffer, fieldnames=["image", "mask", "feature_class", "feature", "value", "settings_hash"]
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+@task(
+    name="radiomics",
+    task_run_name="radiomics-{model}-{patient}",
+    cache_policy=NONE,
+    retries=1,
+    retry_condition_fn=is_transient,
+)
+def radiomics_task(
+    patient: str,
+    exam_dir: Path,
+    images: dict[str, FileRef],
+    segmentation: dict[str, FileRef],
+    model: str,
+    ctx: RunContext,
+    settings_file: str | None = None,
+) -> FileRef:
+    """pyradiomics features of T2, ADC and b1000 inside every label of the mask.
+
+    Features are stored in long form in the database (linked to the segmentation row) and
+    in a CSV beside the mask. An extraction error fails the step; it is never zeros.
+    """
+    apply_thread_limits(ctx.threads)
+    label = model_label(model)
+    path = exam_dir / "seg" / f"{_prefix(exam_dir)}_model-{label}_radiomics.csv"
+    mask_ref = segmentation["mask"]
+    inputs = [mask_ref, *(images[r] for r in RADIOMICS_IMAGES if r in images)]
+    try:
+        settings = load_radiomics_settings(settings_file)
+    except InputError as error:  # a bad settings file: on record for this patient
+        record_failure(ctx, patient, f"radiomics_{label}", inputs, {"model": label}, error)
+        raise
+    names = _label_names(json.loads(Path(segmentation["mask_json"].path).read_text())["labels"])
+    rows: list[dict[str, Any]] = []
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        labels = sitk.ReadImage(mask_ref.path, sitk.sitkUInt8)
+        for role, image_name in RADIOMICS_IMAGES.items():
+            if role not in images:
+                continue
+            image = sitk.ReadImage(images[role].path, sitk.sitkFloat32)
+            digest = radiomics_settings_hash(settings, image_name)
+            for mask_name, (mask, value) in _masks(labels, names).items():
+                for feature in extract_radiomics(
+                    image, mask, image_type=image_name, label=value, settings=settings
+                ):
+                    rows.append(
+                        {
+                            "image": image_name,
+                            "mask": mask_name,
+                            "feature_class": feature.feature_class,
+                            "feature": feature.feature,
+                            "value": feature.value,
+                            "settings_hash": digest,
+                        }
+                    )
+        write_text_atomic(path, _features_csv(rows))
+        return [FileRef.of("radiomics_csv", path)], {}
+
+    def on_record(session: Session, step_run_id: int) -> None:
+        segmentations = session.exec(
+            select(Segmentation).where(
+                Segmentation.mask_sha256 == mask_ref.sha256, Segmentation.model == label
+            )
+        ).all()
+        by_name = {s.label_name: s.id for s in segmentations}
+        groups: dict[tuple[str, str, str], dict[tuple[str, str], float]] = {}
+        for row in rows:
+            key = (row["image"], row["mask"], row["settings_hash"])
+            groups.setdefault(key, {})[(row["feature_class"], row["feature"])] = row["value"]
+        for (image_name, mask_name, digest), features in groups.items():
+            record_radiomics_features(
+                session,
+                patient_pseudo_id=patient,
+                step_run_id=step_run_id,
+                image=image_name,
+                mask=f"{label}:{mask_name}",
+                features=features,
+                settings_hash=digest,
+                segmentation_id=by_name.get(mask_name),
+            )
+
+    outcome = execute_step(
+        ctx,
+        patient=patient,
+        step=f"radiomics_{label}",
+        version="1",
+        inputs=inputs,
+        parameters={"model": label, "settings": settings},
+        run=work,
+        on_record=on_record,
+    )
+    return outcome.outputs[0]
+
+
+@task(name="qc", task_run_name="qc-{model}-{patient}", cache_policy=NONE)
+def qc_task(
+    patient: str,
+    exam_dir: Path,
+    images: dict[str, FileRef],
+    segmentation: dict[str, FileRef],
+    model: str,
+    ctx: RunContext,
+) -> FileRef:
+    """PNG of the T2 slice with the largest mask area, the mask outlined (linked in the DB)."""
+    label, t2w = model_label(model), images["t2w"]
+    path = exam_dir / "figures" / f"{_prefix(exam_dir)}_model-{label}_desc-qc_mask.png"
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        figure = qc_figure(
+            sitk.ReadImage(t2w.path, sitk.sitkFloat32),
+            sitk.ReadImage(segmentation["mask"].path, sitk.sitkUInt8),
+            path,
+            title=f"{patient} model {label}",
+        )
+        return [FileRef.of("qc", path)], {"slice": figure["slice"]}
+
+    outcome = execute_step(
+        ctx,
+        patient=patient,
+        step=f"qc_{label}",
+        version="1",
+        inputs=[t2w, segmentation["mask"]],
+        parameters={"model": label},
+        run=work,
+    )
+    return outcome.outputs[0]
+
+
+def resolve_models(specs: list[str], *, demo: bool) -> list[str]:
+    """Model specs to run: ``auto`` is the demo model on the demo cohort, TAPS on real exams.
+
+    Folder specs are made absolute; duplicates are dropped (order kept).
+    """
+    resolved = []
+    for spec in specs:
+        if spec == "auto":
+            spec = "demo" if demo else "taps"
+        elif spec not in ("demo", "taps"):
+            spec = str(Path(spec).expanduser().resolve())
+        if spec not in resolved:
+            resolved.append(spec)
+    return resolved

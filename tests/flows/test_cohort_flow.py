@@ -1,0 +1,68 @@
+"""The cohort flow on a real Prefect server: failure isolation, final state, artifacts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+from flows.cohort import cohort_flow
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _latest_artifact(key: str) -> dict:
+    """The newest artifact with ``key``, read from the server's REST API."""
+    body = {
+        "artifacts": {"key": {"any_": [key]}},
+        "sort": "CREATED_DESC",
+        "limit": 1,
+        "offset": 0,
+    }
+    response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json=body, timeout=30)
+    response.raise_for_status()
+    (artifact,) = response.json()
+    return artifact
+
+
+def test_one_broken_exam_of_five_fails_alone(demo, tmp_path: Path) -> None:
+    out, result = demo
+    cohort = tmp_path / "cohort"
+    shutil.copytree(out / "demo-cohort" / "dicom", cohort)
+    broken = cohort / "SYN-9999"
+    shutil.copytree(cohort / "SYN-0001", broken)
+    for dwi in [d for d in broken.rglob("*") if d.is_dir() and "diff" in d.name.lower()]:
+        shutil.rmtree(dwi)  # no DWI left: the exam cannot be processed
+    state = cohort_flow(root=str(cohort), models=["demo"], output_root=str(out), return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    status = {p["source"].split("/")[0]: p for p in outcome["patients"]}
+    assert sorted(status) == ["SYN-0001", "SYN-0002", "SYN-0003", "SYN-0004", "SYN-9999"]
+    assert [status[k]["status"] for k in sorted(status)] == ["ok"] * 4 + ["error"]
+    assert "DWI" in status["SYN-9999"]["error"] or "dwi" in status["SYN-9999"]["error"]
+    assert state.is_completed()
+    assert state.message == "4/5 patients completed; 1 failed (1 in ingest)"
+    for name in ("SYN-0001", "SYN-0004"):  # the others still have every output
+        assert Path(status[name]["outputs"]["mask"]).is_file()
+    summary = _latest_artifact("cohort-summary")
+    assert "5 patients: 4 completed, 1 failed." in summary["data"]
+    assert status["SYN-9999"]["patient"] in summary["data"]
+    progress = _latest_artifact("cohort-progress")
+    assert progress["type"] == "table"
+    assert status["SYN-9999"]["patient"] in str(progress["data"])
+
+
+def test_every_exam_broken_is_a_failed_run(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort" / "P1"
+    cohort.mkdir(parents=True)
+    (cohort / "notes.txt").write_text("no images here")
+    state = cohort_flow(
+        root=str(tmp_path / "cohort"),
+        models=["demo"],
+        output_root=str(tmp_path / "out"),
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert state.message == "no exams found"

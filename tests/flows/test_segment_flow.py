@@ -1,0 +1,183 @@
+"""Segmentation, volume, radiomics, QC and evaluation through the demo flow on a real Prefect
+server, checked against the phantom's true gland masks and against direct computation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from sqlalchemy import text
+
+from db.store import make_engine
+from flows.cli import main
+from flows.evaluate import evaluate_flow, find_references
+from tasks.errors import InputError
+from tasks.pseudonym import pseudonymous_id
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _rows(out: Path, sql: str) -> list[dict]:
+    with make_engine(f"sqlite:///{out / 'provenance.sqlite'}").connect() as connection:
+        return [dict(r._mapping) for r in connection.execute(text(sql))]
+
+
+def _truth_by_patient(out: Path) -> dict[str, Path]:
+    key = (out / ".pseudonym-key").read_text().strip()
+    truth = out / "demo-cohort" / "truth"
+    return {pseudonymous_id(d.name, key): d for d in sorted(truth.iterdir())}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_demo_model_masks_match_the_phantom_glands(demo) -> None:
+    out, result = demo
+    truth = _truth_by_patient(out)
+    dice = {}
+    for patient in result["patients"]:
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(patient["outputs"]["mask"])) > 0
+        true = sitk.ReadImage(str(truth[patient["patient"]] / "t2_gland_mask.nii.gz"))
+        dice[patient["patient"]] = _dice(mask, sitk.GetArrayFromImage(true) > 0)
+    print("demo model Dice per exam:", {k: round(v, 3) for k, v in dice.items()})
+    assert min(dice.values()) >= 0.90
+
+
+def test_volumes_equal_voxel_counts_and_are_recorded_once(demo) -> None:
+    out, result = demo
+    rows = _rows(
+        out, "SELECT s.*, p.pseudo_id FROM segmentation s JOIN patient p ON p.id = s.patient_id"
+    )
+    assert len(rows) == len(result["patients"])  # one gland label each, no duplicates
+    for row in rows:
+        assert (row["model"], row["label_name"], row["label"]) == ("demo", "gland", 1)
+        image = sitk.ReadImage(row["mask_path"])
+        count = int((sitk.GetArrayFromImage(image) == 1).sum())
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        assert row["voxel_count"] == count
+        assert row["volume_ml"] == pytest.approx(count * voxel_ml, rel=1e-9)
+        assert 20 < row["volume_ml"] < 80  # phantom glands: 24x18x21 mm semi-axes +-10 %
+        sidecar = json.loads(Path(row["mask_path"].replace(".nii.gz", ".json")).read_text())
+        assert sidecar["volumes_ml"]["gland"] == pytest.approx(row["volume_ml"])
+        assert len(row["model_hash"]) == 64
+
+
+def test_radiomics_rows_equal_the_csv_and_link_the_segmentation(demo) -> None:
+    out, result = demo
+    features = _rows(out, "SELECT * FROM radiomics_feature")
+    segmentations = {r["id"] for r in _rows(out, "SELECT id FROM segmentation")}
+    assert {f["image"] for f in features} == {"t2w", "adc", "b1000"}
+    assert {f["mask"] for f in features} == {"demo:gland"}
+    assert all(f["segmentation_id"] in segmentations for f in features)
+    by_key = {}
+    for patient in result["patients"]:
+        with open(patient["outputs"]["radiomics"], newline="") as handle:
+            for row in csv.DictReader(handle):
+                by_key[(patient["patient"], row["image"], row["feature_class"], row["feature"])] = (
+                    float(row["value"])
+                )
+    pseudo = {r["id"]: r["pseudo_id"] for r in _rows(out, "SELECT id, pseudo_id FROM patient")}
+    assert len(features) == len(by_key)
+    for f in features:
+        key = (pseudo[f["patient_id"]], f["image"], f["feature_class"], f["feature"])
+        assert f["value"] == pytest.approx(by_key[key], rel=1e-12)
+    volumes = [
+        f["value"] for f in features if f["feature"] == "VoxelVolume" and f["image"] == "t2w"
+    ]
+    assert len(volumes) == len(result["patients"])  # shape features once per patient and image
+
+
+def test_qc_figures_are_pngs_linked_in_the_database(demo) -> None:
+    out, result = demo
+    artifacts = {r["path"] for r in _rows(out, "SELECT path FROM artifact WHERE role = 'qc'")}
+    for patient in result["patients"]:
+        path = Path(patient["outputs"]["qc"])
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert str(path) in artifacts
+
+
+@pytest.fixture(scope="module")
+def references(demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Truth gland masks named after the exam folders (as a user's reference folder)."""
+    out, _ = demo
+    folder = tmp_path_factory.mktemp("refs") / "phantom"
+    folder.mkdir()
+    for truth in sorted((out / "demo-cohort" / "truth").iterdir()):
+        shutil.copy(truth / "t2_gland_mask.nii.gz", folder / f"{truth.name}.nii.gz")
+    (folder / "NOT-AN-EXAM.nii.gz").write_bytes((folder / "SYN-0001.nii.gz").read_bytes())
+    return folder
+
+
+def test_evaluation_against_the_true_masks(demo, references: Path) -> None:
+    out, result = demo
+    evaluation = evaluate_flow(references=[str(references)], output_root=str(out))
+    cases = evaluation["cases"]
+    assert sorted(c["patient"] for c in cases) == sorted(p["patient"] for p in result["patients"])
+    assert all(c["model"] == "demo" and c["reference"] == "phantom" for c in cases)
+    assert min(c["dice"] for c in cases) >= 0.90
+    assert all(0 <= c["hd95"] <= c["hd"] for c in cases)
+    assert evaluation["unmatched"] and "NOT-AN-EXAM" in evaluation["unmatched"][0]
+    (summary,) = evaluation["summary"]
+    assert summary["dice"]["mean"] == pytest.approx(np.mean([c["dice"] for c in cases]))
+    stored = _rows(out, "SELECT * FROM evaluation_metric WHERE metric = 'dice'")
+    assert sorted(r["value"] for r in stored) == pytest.approx(sorted(c["dice"] for c in cases))
+    folder = Path(evaluation["folder"])
+    assert "dice" in (folder / "summary.md").read_text().lower()
+    with open(folder / "metrics.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(cases)
+    for case in cases:  # QC with both outlines
+        assert Path(case["qc"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_command_prints_json(demo, references: Path, capsys) -> None:
+    out, _ = demo
+    code = main(["evaluate", "--reference", str(references), "--output", str(out), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert len(printed["cases"]) == 4 and printed["summary"][0]["dice"]["n"] == 4
+
+
+def test_reference_layouts(tmp_path: Path) -> None:
+    flat, nested = tmp_path / "flat", tmp_path / "nested"
+    (nested / "ProstateX-0000").mkdir(parents=True)
+    flat.mkdir()
+    mask = sitk.Image(4, 4, 4, sitk.sitkUInt8)
+    sitk.WriteImage(mask, str(flat / "ProstateX-0000.nii.gz"))
+    for name in ("gland_A", "gland_B", "lesion_expert"):
+        sitk.WriteImage(mask, str(nested / "ProstateX-0000" / f"{name}.nii.gz"))
+    (nested / "ProstateX-0000" / "notes.txt").write_text("not a mask")
+    assert [(r.exam, r.name) for r in find_references(flat)] == [("ProstateX-0000", "flat")]
+    found = find_references(nested, "gland_*")
+    assert [(r.exam, r.name) for r in found] == [
+        ("ProstateX-0000", "gland_A"),
+        ("ProstateX-0000", "gland_B"),
+    ]
+    with pytest.raises(InputError, match="no reference masks"):
+        find_references(nested, "zones_*")
+    with pytest.raises(InputError, match="does not exist"):
+        find_references(tmp_path / "missing")
+
+
+def test_status_command_lists_steps_and_outputs(demo, capsys) -> None:
+    out, result = demo
+    assert main(["status", "--output", str(out), "--json"]) == 0
+    printed = {p["patient"]: p for p in json.loads(capsys.readouterr().out)["patients"]}
+    assert set(printed) == {p["patient"] for p in result["patients"]}
+    for patient in result["patients"]:
+        status = printed[patient["patient"]]
+        assert status["source"] == patient["source"]
+        assert {"ingest", "n4", "register", "adc", "segment_demo", "qc_demo"} <= set(
+            status["steps"]
+        )
+        assert all(s["state"] == "completed" for s in status["steps"].values())
+        roles = {"t2w", "dwi_b1000", "adc", "adc_native", "mask", "qc"}
+        assert set(status["outputs"]) == roles
+        for role in roles:
+            assert Path(status["outputs"][role]).is_file()
+        assert status["outputs"]["mask"] == patient["outputs"]["mask"]
