@@ -39,9 +39,9 @@ from tasks.segment_nnunet import NnUNetBackend  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def dice(labels: sitk.Image, truth: Path) -> float:
+def dice(labels: sitk.Image, truth: sitk.Image) -> float:
     a = sitk.GetArrayFromImage(labels) > 0
-    b = sitk.GetArrayFromImage(sitk.ReadImage(str(truth))) > 0
+    b = sitk.GetArrayFromImage(truth) > 0
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
 
@@ -60,7 +60,10 @@ def main() -> None:
             images = load(root / "syn" / "dicom", generated.patient_folder + "/", root / "out")
             grid = run_chain(images, args.threads)["t2_grid"]
             cases.append((generated, SegmentationInputs(**grid)))
-    truth = {g.patient_folder: g.truth_dir / "t2_gland_mask.nii.gz" for g, _ in cases}
+        truth = {
+            g.patient_folder: sitk.ReadImage(str(g.truth_dir / "t2_gland_mask.nii.gz"))
+            for g, _ in cases
+        }
     variants: dict[str, Any] = {}
     for mirroring in (False, True):
         params = SegmentationParams(device="cpu", use_mirroring=mirroring, threads=args.threads)
