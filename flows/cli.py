@@ -200,22 +200,30 @@ def _runner(settings: Settings) -> Any:
     return ThreadPoolTaskRunner(max_workers=settings.threads.workers)
 
 
+def _run_flow(flow: Any, settings: Settings, **parameters: Any) -> dict[str, Any]:
+    """Run a cohort-style flow on the bounded task runner; print its final state; return
+    its result (also when the state is Failed: every patient failed, or no exam)."""
+    state = flow.with_options(task_runner=_runner(settings))(**parameters, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):  # the flow itself crashed
+        raise result
+    print(f"run: {state.type.value.lower()}: {state.message}", file=sys.stderr)
+    return result
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     _prefect_defaults()
     from flows.demo import demo_flow
 
-    state = demo_flow.with_options(task_runner=_runner(settings))(
+    result = _run_flow(
+        demo_flow,
+        settings,
         patients=args.patients,
         seed=args.seed,
         config_file=args.config,
         output_root=str(settings.output_root),
         force=args.force,
-        return_state=True,
     )
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        raise result
-    print(f"run: {state.type.value.lower()}: {state.message}", file=sys.stderr)
     return _report(result["patients"], args.json, header=f"demo cohort: {result['cohort']}")
 
 
@@ -224,18 +232,15 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     _prefect_defaults()
     from flows.cohort import cohort_flow
 
-    state = cohort_flow.with_options(task_runner=_runner(settings))(
+    result = _run_flow(
+        cohort_flow,
+        settings,
         root=args.root,
         models=args.model,
         config_file=args.config,
         output_root=str(settings.output_root),
         force=args.force,
-        return_state=True,
     )
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        raise result
-    print(f"run: {state.type.value.lower()}: {state.message}", file=sys.stderr)
     code = _report(result["patients"], args.json and not args.reference, header="processed")
     if args.reference:
         args.pattern, args.model = args.reference_pattern, None

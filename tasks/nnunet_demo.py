@@ -556,8 +556,8 @@ def train_demo_model(
     Parameters
     ----------
     work_dir
-        Scratch folder (pipeline outputs, nnU-Net raw/preprocessed/results; several GB-free
-        hundred MB).
+        Scratch folder for the pipeline outputs and nnU-Net's raw, preprocessed and results
+        folders (about 3.3 GB with the defaults).
     n_cases, n_val
         Training and validation exams, made by the pipeline with ``seed`` (exams 1 ..
         ``n_cases`` train, the next ``n_val`` validate).
@@ -570,7 +570,9 @@ def train_demo_model(
     recipe
         Network and schedule (:class:`DemoRecipe` defaults).
     reuse_pipeline
-        Keep pipeline outputs already in ``work_dir`` (the pipeline's own cache decides).
+        Use a cohort folder in ``work_dir`` that already holds enough processed exams as it
+        is, without running the pipeline (:func:`ensure_cohort`); ``False`` deletes and
+        remakes both cohorts.
     notes
         Free text for the model's README.md (e.g. how long an earlier, reused run took).
 
@@ -650,6 +652,8 @@ def train_demo_model(
     }
     write_json_atomic(out_dir / "training.json", report)
     write_text_atomic(out_dir / "README.md", model_readme(report))
+    for name in ("training.json", "README.md"):
+        (out_dir / name).chmod(0o644)  # the atomic writer's temporary files are 0600
     return report
 
 
@@ -663,59 +667,77 @@ def model_readme(report: dict[str, Any]) -> str:
     """The model folder's README.md from a :func:`train_demo_model` report."""
     r = report["recipe"]
 
-    def mean(rows: list[dict]) -> str:
+    def dice_line(rows: list[dict]) -> str:
         values = [row["dice"] for row in rows]
-        return f"{np.mean(values):.4f} (min {np.min(values):.4f}, n = {len(values)})"
+        seconds = np.mean([row["seconds"] for row in rows])
+        return (
+            f"mean {np.mean(values):.4f}, min {np.min(values):.4f} (n = {len(values)}); "
+            f"{seconds:.1f} s per exam"
+        )
 
-    def per_exam(rows: list[dict]) -> str:
-        return f"{np.mean([row['seconds'] for row in rows]):.1f} s"
-
+    times = "\n".join(f"- `{k}`: {v} s" for k, v in report["times_s"].items())
+    notes = f"\n{report['notes']}\n" if report.get("notes") else ""
     return f"""# Demo nnU-Net v2 model: prostate gland from T2W + b1000 DWI + ADC
 
-A small nnU-Net v2 model (`{report["configuration"]}`, plans `{report["plans"]}`) trained on
-synthetic exams that the prostate-cohort pipeline itself made and preprocessed. It is a demo
-and test model: it has never seen a real exam and must not be used on one.
+A small nnU-Net v2 model trained on synthetic exams that the prostate-cohort pipeline itself
+made and preprocessed. It is a demo and test model: it has never seen a real exam and must
+not be used on one.
 
-- Inputs (channels in `dataset.json`): `T2` = N4-corrected T2W, `HBV` = b1000 DWI on the T2
-  grid, `ADC` = ADC in mm²/s on the T2 grid (z-score normalised per image by nnU-Net).
+- Inputs (`dataset.json` channels): `T2` = N4-corrected T2W; `HBV` = b1000 DWI on the T2
+  grid; `ADC` = ADC in mm²/s on the T2 grid. nnU-Net z-scores each channel per image.
 - Output: label 1 = `gland`.
-- Files: `dataset.json`, `plans.json` (the network is fully described there), and
-  `fold_0/checkpoint_final.pth` with the weights only (no optimizer state).
-  `training.json` holds the full training report.
+- Files: `dataset.json`; `plans.json`, which describes the whole network; and
+  `fold_0/checkpoint_final.pth`, which holds the weights only (no optimizer state).
+  `training.json` is the full training report.
 
 ## How it was made
 
 ```python
 from pathlib import Path
 from tasks.nnunet_demo import train_demo_model
-train_demo_model(Path("/tmp/demo-train"))  # {report["command"]}
+
+train_demo_model(Path("/tmp/demo-train"))
 ```
 
-1. The pipeline made and preprocessed the training exams (only its preprocessing outputs
-   `*_desc-n4_T2w`, `*_space-T2w_b1000_dwi`, `*_space-T2w_desc-fit_adc` are used):
-   `{report["pipeline_command"]}`; truth: `demo-cohort/truth/SYN-*/t2_gland_mask.nii.gz`.
-   Training cases: {len(report["train_cases"])} ({report["train_cases"][0]} …
-   {report["train_cases"][-1]}); held-out validation: {", ".join(report["val_cases"])}.
-2. nnU-Net's fingerprint, planner (`ExperimentPlanner` subclass: U-Net features
-   {r["base_features"]}…{r["max_features"]}, target spacing {tuple(r["target_spacing"])} mm
-   (z, y, x), memory target {r["gpu_memory_target_gb"]} GB) and preprocessing.
-3. nnU-Net's trainer (`{report["trainer"]}`: `nnUNetTrainer` with {r["epochs"]} epochs x
-   {r["iterations_per_epoch"]} iterations = {report["iterations"]} iterations, initial lr
-   {r["initial_lr"]}), on CPU with {r["threads"]} thread(s), seed {r["torch_seed"]}; mean epoch
-   {report["mean_epoch_s"]} s. The checkpoint names `nnUNetTrainer` (the subclass changes only
-   the schedule) so that nnU-Net's predictor loads it.
+Call: `{report["command"]}`, with the defaults of `DemoRecipe`.
 
-Phase times (s): {report["times_s"]}. Versions: {report["versions"]}.
-{report.get("notes", "")}
+1. Data: `{report["pipeline_command"]}`. Only its preprocessing outputs
+   (`*_desc-n4_T2w`, `*_space-T2w_b1000_dwi`, `*_space-T2w_desc-fit_adc`) are used, with
+   the truth `demo-cohort/truth/SYN-*/t2_gland_mask.nii.gz`.
+   - Training: {len(report["train_cases"])} exams, {report["train_cases"][0]} to \
+{report["train_cases"][-1]}.
+   - Held-out validation (fold 0 of `splits_final.json`): {", ".join(report["val_cases"])}.
+2. Planning and preprocessing: nnU-Net's fingerprint, planner and preprocessing, all in
+   `{report["configuration"]}` with plans `{report["plans"]}`. The planner is an
+   `ExperimentPlanner` subclass with these settings:
+   - U-Net features: {r["base_features"]} to {r["max_features"]}
+   - target spacing (z, y, x): {tuple(r["target_spacing"])} mm
+   - memory target: {r["gpu_memory_target_gb"]} GB
+3. Training: nnU-Net's trainer, `{report["trainer"]}`. This is `nnUNetTrainer` with a
+   shorter schedule:
+   - {r["epochs"]} epochs x {r["iterations_per_epoch"]} iterations = \
+{report["iterations"]} iterations
+   - initial lr {r["initial_lr"]}
+   - CPU, {r["threads"]} thread(s), seed {r["torch_seed"]}
+   - mean epoch: {report["mean_epoch_s"]} s
 
-## Measured Dice (gland, against the synthetic truth)
+   The subclass changes only the schedule, so the checkpoint names `nnUNetTrainer` as its
+   trainer and nnU-Net's predictor can load it.
 
-- held-out seed-{report["training_seed"]} exams: {mean(report["dice_val"])}
-- unseen seed-0 exams (the demo and test cohort), mirroring off: {mean(report["dice_unseen"])},
-  {per_exam(report["dice_unseen"])} per exam on CPU ({r["threads"]} thread)
-- the same, mirroring on: {mean(report["dice_unseen_mirroring"])},
-  {per_exam(report["dice_unseen_mirroring"])} per exam
+Phase times:
 
-Per exam: see `training.json`. Training on CPU is seeded but not guaranteed bit-identical
-across machines or library versions; retraining gives a model of similar, not equal, Dice.
+{times}
+
+Versions: {", ".join(f"{k} {v}" for k, v in report["versions"].items())}.
+{notes}
+## Measured Dice (gland, against the synthetic truth; CPU, {r["threads"]} thread)
+
+- held-out seed-{report["training_seed"]} exams: {dice_line(report["dice_val"])}
+- unseen seed-0 exams (the demo and test cohort), mirroring off:
+  {dice_line(report["dice_unseen"])}
+- the same exams, mirroring on: {dice_line(report["dice_unseen_mirroring"])}
+
+`training.json` has the Dice of each exam. Training on CPU is seeded but not guaranteed to
+be bit-identical across machines or library versions, so retraining gives a model with a
+similar Dice, not the same one.
 """
