@@ -692,12 +692,11 @@ not be used on one.
 
 ## How it was made
 
-```python
-from pathlib import Path
-from tasks.nnunet_demo import train_demo_model
-
-train_demo_model(Path("/tmp/demo-train"))
+```bash
+.venv/bin/prostate-cohort train-demo-model --work /tmp/demo-train
 ```
+
+(the same as ``tasks.nnunet_demo.train_demo_model(Path("/tmp/demo-train"))``)
 
 Call: `{report["command"]}`, with the defaults of `DemoRecipe`.
 

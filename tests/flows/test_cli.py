@@ -23,7 +23,8 @@ def test_help_names_every_command(capsys) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "ingest", "db", "config"):
+    commands = ("demo", "run", "evaluate", "status", "train-demo-model", "ingest", "db", "config")
+    for command in commands:
         assert f"\n    {command}" in out
 
 
