@@ -29,7 +29,9 @@ def _latest_artifact(key: str) -> dict:
 
 
 def test_one_broken_exam_of_five_fails_alone(demo, tmp_path: Path) -> None:
-    out, result = demo
+    demo_out, _ = demo
+    out = tmp_path / "out"  # a copy: the shared demo output stays as the other tests expect
+    shutil.copytree(demo_out, out)
     cohort = tmp_path / "cohort"
     shutil.copytree(out / "demo-cohort" / "dicom", cohort)
     broken = cohort / "SYN-9999"
