@@ -289,12 +289,14 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
-        return 0 if result["cases"] else 1
+        return 0 if result["cases"] and not result["errors"] else 1
     print(Path(result["folder"], "summary.md").read_text())
     for line in result["unmatched"]:
         print(f"  unmatched reference {line}")
+    for line in result["errors"]:
+        print(f"  ERROR {line}")
     print(f"{len(result['cases'])} cases; tables in {result['folder']}")
-    return 0 if result["cases"] else 1
+    return 0 if result["cases"] and not result["errors"] else 1
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:

@@ -5,7 +5,9 @@ the original patient id (``DIR/ProstateX-0000.nii.gz``; the reference is named a
 or a folder of that name with several masks (``DIR/ProstateX-0000/gland_Bosma22b.nii.gz``;
 each file is a reference named after the file). Names are matched to pseudonymous patients
 through the same keyed hash as ingest, or through the exam folder recorded at ingest, so
-no original identifier is stored. Every mask counts as "gland" (any non-zero label), so
+no original identifier is stored. A case that cannot be compared (masks on different grids,
+an unreadable file) is reported under ``errors``, naming the reference file, the model and
+the patient; the other cases go on. Every mask counts as "gland" (any non-zero label), so
 zonal masks compare as whole glands.
 
 Outputs under ``<output_root>/evaluation/``: ``metrics.csv`` (one row per case, model,
@@ -28,10 +30,12 @@ from db.models import Patient, Segmentation, Study
 from db.record import record_evaluation_metrics
 from db.store import session_scope
 from flows.runs import pipeline_run, pseudonym_secret
+from flows.segment import qc_figure_path
 from flows.settings import load_settings
 from flows.steps import engine_for
 from tasks.errors import InputError
 from tasks.evaluate import (
+    METRICS,
     evaluate_masks,
     format_markdown_table,
     summarize,
@@ -121,6 +125,32 @@ def _t2_of(mask_path: str) -> Path | None:
     return found[0] if found else None
 
 
+def _evaluate_case(ref: Reference, patient: str, model: str, mask_path: str) -> dict[str, Any]:
+    """Metrics of one model's mask against one reference, plus a QC figure with both.
+
+    Raises
+    ------
+    InputError
+        The masks are not on one grid (or another problem ``evaluate_masks`` names).
+    """
+    prediction = sitk.ReadImage(mask_path, sitk.sitkUInt8)
+    reference = sitk.ReadImage(str(ref.path), sitk.sitkUInt8)
+    metrics = evaluate_masks(prediction, reference)
+    case = {"patient": patient, "model": model, "reference": ref.name} | metrics
+    t2 = _t2_of(mask_path)
+    if t2 is not None:
+        figure = qc_figure_path(Path(mask_path).parents[1], model, ref.name)
+        qc_figure(
+            sitk.ReadImage(str(t2), sitk.sitkFloat32),
+            prediction,
+            figure,
+            reference=reference,
+            title=f"{patient} model {model} vs {ref.name}",
+        )
+        case["qc"] = str(figure)
+    return case
+
+
 @flow(name="evaluate")
 def evaluate_flow(
     references: list[str],
@@ -140,6 +170,7 @@ def evaluate_flow(
     key = pseudonym_secret(settings).get_secret_value()
     cases: list[dict[str, Any]] = []
     unmatched: list[str] = []
+    errors: list[str] = []
     with pipeline_run(settings, command=f"evaluate {' '.join(references)}") as (ctx, run):
         engine = engine_for(ctx.database_url)
         for ref in found:
@@ -150,11 +181,15 @@ def evaluate_flow(
             if not masks:
                 unmatched.append(f"{ref.name}: {ref.path.name} (no processed exam with a mask)")
                 continue
-            reference = sitk.ReadImage(str(ref.path))
             for model, mask_path in sorted(masks.items()):
-                metrics = evaluate_masks(sitk.ReadImage(mask_path), reference)
-                case = {"patient": patient, "model": model, "reference": ref.name} | metrics
+                try:
+                    case = _evaluate_case(ref, patient, model, mask_path)
+                except (InputError, RuntimeError) as error:  # RuntimeError: unreadable file
+                    problem = getattr(error, "problem", None) or str(error).strip()
+                    errors.append(f"{ref.name}: {ref.path} vs {model} mask of {patient}: {problem}")
+                    continue
                 cases.append(case)
+                metrics = {k: case[k] for k in METRICS}
                 with session_scope(engine) as session:
                     record_evaluation_metrics(
                         session,
@@ -165,25 +200,6 @@ def evaluate_flow(
                         metrics=metrics,
                         pipeline_run_id=ctx.pipeline_run_id,
                     )
-                t2 = _t2_of(mask_path)
-                if t2 is not None:
-                    figure = (
-                        Path(mask_path).parents[1]
-                        / "figures"
-                        / (
-                            f"{Path(mask_path).parents[1].parent.name}_"
-                            f"{Path(mask_path).parents[1].name}_model-{model}_ref-{ref.name}"
-                            "_desc-qc_mask.png"
-                        )
-                    )
-                    qc_figure(
-                        sitk.ReadImage(str(t2), sitk.sitkFloat32),
-                        sitk.ReadImage(mask_path, sitk.sitkUInt8),
-                        figure,
-                        reference=sitk.ReadImage(str(ref.path), sitk.sitkUInt8),
-                        title=f"{patient} model {model} vs {ref.name}",
-                    )
-                    case["qc"] = str(figure)
         summary = []
         for model in sorted({c["model"] for c in cases}):
             for name in sorted({c["reference"] for c in cases if c["model"] == model}):
@@ -193,6 +209,19 @@ def evaluate_flow(
         write_cases_csv(out / "metrics.csv", cases)
         write_summary_csv(out / "summary.csv", summary)
         write_text_atomic(out / "summary.md", format_markdown_table(summary))
-        logger.info("evaluated %d cases; %d references unmatched", len(cases), len(unmatched))
+        logger.info(
+            "evaluated %d cases; %d references unmatched; %d failed",
+            len(cases),
+            len(unmatched),
+            len(errors),
+        )
+        for line in errors:
+            logger.error(line)
         run.finish([])
-    return {"cases": cases, "summary": summary, "unmatched": unmatched, "folder": str(out)}
+    return {
+        "cases": cases,
+        "summary": summary,
+        "unmatched": unmatched,
+        "errors": errors,
+        "folder": str(out),
+    }

@@ -74,6 +74,12 @@ def _prefix(exam_dir: Path) -> str:
     return f"{exam_dir.parent.name}_{exam_dir.name}"
 
 
+def qc_figure_path(exam_dir: Path, label: str, reference: str | None = None) -> Path:
+    """``<exam>/figures/<p>_<s>_model-<label>[_ref-<reference>]_desc-qc_mask.png``."""
+    ref = f"_ref-{reference}" if reference else ""
+    return exam_dir / "figures" / f"{_prefix(exam_dir)}_model-{label}{ref}_desc-qc_mask.png"
+
+
 def _read(ref: FileRef | None) -> sitk.Image | None:
     return None if ref is None else sitk.ReadImage(ref.path, sitk.sitkFloat32)
 
@@ -324,7 +330,7 @@ def qc_task(
 ) -> FileRef:
     """PNG of the T2 slice with the largest mask area, the mask outlined (linked in the DB)."""
     label, t2w = model_label(model), images["t2w"]
-    path = exam_dir / "figures" / f"{_prefix(exam_dir)}_model-{label}_desc-qc_mask.png"
+    path = qc_figure_path(exam_dir, label)
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         figure = qc_figure(

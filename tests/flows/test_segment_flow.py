@@ -181,3 +181,16 @@ def test_status_command_lists_steps_and_outputs(demo, capsys) -> None:
         for role in roles:
             assert Path(status["outputs"][role]).is_file()
         assert status["outputs"]["mask"] == patient["outputs"]["mask"]
+
+
+def test_a_reference_on_another_grid_fails_alone(demo, references: Path, tmp_path: Path) -> None:
+    out, _ = demo
+    folder = tmp_path / "mixed"
+    shutil.copytree(references, folder)
+    (folder / "NOT-AN-EXAM.nii.gz").unlink()
+    sitk.WriteImage(sitk.Image(16, 16, 4, sitk.sitkUInt8) + 1, str(folder / "SYN-0002.nii.gz"))
+    evaluation = evaluate_flow(references=[str(folder)], output_root=str(out))
+    assert len(evaluation["cases"]) == 3  # the other three exams are still evaluated
+    (error,) = evaluation["errors"]
+    assert "SYN-0002.nii.gz" in error and "grid" in error.lower()
+    assert main(["evaluate", "--reference", str(folder), "--output", str(out)]) == 1
