@@ -211,8 +211,15 @@ def foreground_mask(
 
 @contextmanager
 def _process_threads(threads: int) -> Iterator[None]:
-    """Set ITK's process-wide default thread count for a block (N4's B-spline fitter uses it)."""
+    """Set ITK's process-wide default thread count for a block (N4's B-spline fitter uses it).
+
+    Nothing changes when it already is ``threads`` (the pipeline sets it once per worker
+    process): changing it while other threads run ITK filters is not safe.
+    """
     previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    if previous == threads:
+        yield
+        return
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     try:
         yield
