@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--reference-pattern", default="*", metavar="GLOB", help="reference file names"
     )
+    run.add_argument(
+        "--runner",
+        choices=("threads", "dask"),
+        default="threads",
+        help="threads: threads.workers patients at once in this process (default); "
+        "dask: the running Dask cluster at --address",
+    )
+    run.add_argument("--address", metavar="tcp://HOST:PORT", help="Dask scheduler address")
     run.add_argument("--output", metavar="DIR", help="output root (default ./output)")
     run.add_argument("--force", action="store_true", help="recompute cached steps")
     run.add_argument("--json", action="store_true", help="print one JSON object")
@@ -222,16 +230,16 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _runner(settings: Settings) -> Any:
-    from prefect.task_runners import ThreadPoolTaskRunner
+def _run_flow(
+    flow: Any, settings: Settings, runner: Any = None, **parameters: Any
+) -> dict[str, Any]:
+    """Run a cohort-style flow on ``runner`` (default: the bounded thread pool); print its
+    final state; return its result (also when the state is Failed: every patient failed,
+    or no exam)."""
+    from flows.runners import task_runner
 
-    return ThreadPoolTaskRunner(max_workers=settings.threads.workers)
-
-
-def _run_flow(flow: Any, settings: Settings, **parameters: Any) -> dict[str, Any]:
-    """Run a cohort-style flow on the bounded task runner; print its final state; return
-    its result (also when the state is Failed: every patient failed, or no exam)."""
-    state = flow.with_options(task_runner=_runner(settings))(**parameters, return_state=True)
+    runner = runner or task_runner(settings)
+    state = flow.with_options(task_runner=runner)(**parameters, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):  # the flow itself crashed
         raise result
@@ -259,10 +267,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     load_settings(args.config, data_root=args.root)  # fail early on a bad ROOT
     _prefect_defaults()
     from flows.cohort import cohort_flow
+    from flows.runners import task_runner
 
     result = _run_flow(
         cohort_flow,
         settings,
+        task_runner(settings, args.runner, args.address),
         root=args.root,
         models=args.model,
         config_file=args.config,
@@ -303,8 +313,9 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     load_settings(args.config, data_root=args.root)  # fail early on a bad ROOT
     _prefect_defaults()
     from flows.ingest import ingest_flow
+    from flows.runners import task_runner
 
-    result = ingest_flow.with_options(task_runner=_runner(settings))(
+    result = ingest_flow.with_options(task_runner=task_runner(settings))(
         root=args.root,
         config_file=args.config,
         output_root=str(settings.output_root),

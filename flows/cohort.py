@@ -14,13 +14,14 @@ from prefect.states import State
 from flows.ingest import ingest_exams
 from flows.patient import process_exams
 from flows.report import final_state, publish_run
+from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import resolve_models
 from flows.settings import load_settings
 from tasks.discover import discover_exams
 
 
-@flow(name="cohort")
+@flow(name="cohort", task_runner=SettingsTaskRunner())
 def cohort_flow(
     root: str,
     models: list[str] | None = None,

@@ -21,6 +21,7 @@ from prefect.states import State
 from flows.ingest import ingest_exams
 from flows.patient import process_exams
 from flows.report import final_state, publish_run
+from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import resolve_models
 from flows.settings import load_settings
@@ -55,7 +56,7 @@ def synthesize_exam_task(root: Path, seed: int, index: int, patient: str, ctx: R
     return outcome.status
 
 
-@flow(name="demo")
+@flow(name="demo", task_runner=SettingsTaskRunner())
 def demo_flow(
     patients: int | None = None,
     seed: int | None = None,

@@ -29,6 +29,7 @@ from sqlmodel import Session, select
 from db.models import Patient, Segmentation, Study
 from db.record import record_evaluation_metrics
 from db.store import session_scope
+from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import qc_figure_path
 from flows.settings import load_settings
@@ -151,7 +152,7 @@ def _evaluate_case(ref: Reference, patient: str, model: str, mask_path: str) -> 
     return case
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", task_runner=SettingsTaskRunner())
 def evaluate_flow(
     references: list[str],
     pattern: str = "*",

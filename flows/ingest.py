@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from db.record import ensure_study, record_series
 from flows.resources import apply_thread_limits
+from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.settings import IngestSettings, load_settings
 from flows.steps import FileRef, RunContext, execute_step, is_transient
@@ -205,7 +206,7 @@ def ingest_exams(
     return results
 
 
-@flow(name="ingest-cohort", log_prints=False)
+@flow(name="ingest-cohort", task_runner=SettingsTaskRunner(), log_prints=False)
 def ingest_flow(
     root: str,
     config_file: str | None = None,
