@@ -46,8 +46,9 @@ def submit_exam(
 
     b1000 -> denoising -> N4 -> registration -> ADC, then per model: segmentation, then
     radiomics and the QC figure. Each step waits for the one it reads from. The returned
-    dict maps ``"adc"``, ``"segment:<model>"``, ``"radiomics:<model>"`` and ``"qc:<model>"``
-    to their futures.
+    dict maps ``"b1000"``, ``"denoise"``, ``"n4"``, ``"register"``, ``"adc"``,
+    ``"segment:<model>"``, ``"radiomics:<model>"`` and ``"qc:<model>"`` to their futures,
+    in submission order.
     """
     out_dir = ctx.output_root / PATIENTS_DIR
     refs = ingested_refs(result, out_dir)
@@ -66,7 +67,13 @@ def submit_exam(
     registered = register_task.submit(patient, folder, corrected, ctx, steps.registration)
     acquired = tuple(sorted(dwi_refs(list(images.dwi))))
     adc = adc_task.submit(patient, folder, registered, acquired, ctx, steps.dwi_fit)
-    futures = {"adc": adc}
+    futures = {  # in submission order: the first failed one is the step to blame
+        "b1000": standardized,
+        "denoise": denoised,
+        "n4": corrected,
+        "register": registered,
+        "adc": adc,
+    }
     params = segmentation_params(settings.segmentation, ctx.threads)
     for model in models:  # ``adc`` resolves to the T2-grid images by role
         masks = segment_task.submit(patient, folder, adc, model, ctx, params)
@@ -102,8 +109,10 @@ def process_exams(
         for name, future in exam_futures.items():
             if future.state.is_completed():
                 outputs.update(_outputs_of(name, future.result(), first=models[0]))
-            else:
-                failure = failure or _first_failure(future)
+            elif future.state.is_failed() or future.state.is_crashed():
+                failure = failure or _failure(name, future)
+        if failure is None and not all(f.state.is_completed() for f in exam_futures.values()):
+            failure = ("preprocess", "a step did not run: " + _not_run(exam_futures))
         out[i]["outputs"] = outputs
         if failure is not None:  # the step as recorded; else what the error says
             step, error = recorded.get(out[i]["patient"], failure)
@@ -112,10 +121,13 @@ def process_exams(
 
 
 def _outputs_of(name: str, value: Any, *, first: str) -> dict[str, str]:
-    """Output paths by role: ``mask:<model>``, ``qc:<model>``, ``radiomics:<model>`` per
-    model, and the first model's also as plain ``mask``, ``qc`` and ``radiomics``."""
+    """Output paths by role: the ADC step's images, and ``mask:<model>``, ``qc:<model>``,
+    ``radiomics:<model>`` per model, the first model's also as plain ``mask``, ``qc`` and
+    ``radiomics``. Intermediate steps give none (their files are in the database)."""
     if name == "adc":
         return {role: ref.path for role, ref in value.items()}
+    if ":" not in name:
+        return {}
     kind, model = name.split(":", 1)
     role = "mask" if kind == "segment" else kind
     path = value["mask"].path if kind == "segment" else value.path
@@ -123,12 +135,17 @@ def _outputs_of(name: str, value: Any, *, first: str) -> dict[str, str]:
     return out | ({role: path} if model == first else {})
 
 
-def _first_failure(future: PrefectFuture) -> tuple[str, str]:
-    """The step and error of the first failed task upstream of (or at) ``future``."""
-    state = future.state
+def _failure(name: str, future: PrefectFuture) -> tuple[str, str]:
+    """The step and error of a failed task (its own exception's step, else its name)."""
     try:
-        state.result()
-    except Exception as error:  # a failed or not-ready upstream step
-        problem = getattr(error, "problem", None) or str(error)
-        return getattr(error, "step", None) or "preprocess", problem
-    return "preprocess", state.message or "did not complete"
+        future.state.result()
+    except Exception as error:
+        problem = getattr(error, "problem", None) or f"{type(error).__name__}: {error}"
+        return getattr(error, "step", None) or name.split(":", 1)[0], problem
+    return name, future.state.message or "failed"
+
+
+def _not_run(futures: dict[str, PrefectFuture]) -> str:
+    """Which tasks of an exam ended without completing, with their state names."""
+    pending = (f"{n} ({f.state.name})" for n, f in futures.items() if not f.state.is_completed())
+    return ", ".join(pending)
