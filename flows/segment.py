@@ -28,6 +28,7 @@ from sqlmodel import Session, select
 
 from db.models import Segmentation
 from db.record import record_radiomics_features, record_segmentation
+from flows.gpu import gpu_slot
 from flows.resources import apply_thread_limits
 from flows.settings import SegmentationSettings
 from flows.steps import FileRef, RunContext, execute_step, is_transient
@@ -127,13 +128,13 @@ def segment_task(
     made: dict[str, Any] = {}
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
-        result = backend.segment(
-            SegmentationInputs(
-                t2w=_read(images["t2w"]),
-                dwi_b1000=_read(images.get("dwi_b1000")),
-                adc=_read(images.get("adc")),
-            )
+        inputs = SegmentationInputs(
+            t2w=_read(images["t2w"]),
+            dwi_b1000=_read(images.get("dwi_b1000")),
+            adc=_read(images.get("adc")),
         )
+        with gpu_slot(backend.uses_gpu):  # one of the "gpu" limit's slots while on the GPU
+            result = backend.segment(inputs)
         sha = write_image_atomic(result.labels, path)
         volumes = {
             name: mask_volume_ml(mask, value)

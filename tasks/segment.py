@@ -108,10 +108,14 @@ class SegmentationResult:
 
 
 class SegmentationBackend(Protocol):
-    """What every backend offers: a name, a content hash of its model, and ``segment``."""
+    """What every backend offers: a name, a content hash of its model, whether it runs on a
+    GPU (the flows then hold a GPU slot around ``segment``), and ``segment``."""
 
     name: str
     model_hash: str
+
+    @property
+    def uses_gpu(self) -> bool: ...
 
     def segment(self, inputs: SegmentationInputs) -> SegmentationResult: ...
 

@@ -303,6 +303,11 @@ class NnUNetBackend:
                 )
         return [int(f) if f.isdigit() else f for f in wanted]
 
+    @property
+    def uses_gpu(self) -> bool:
+        """True when the predictor runs on a CUDA device."""
+        return self.device.type == "cuda"
+
     @staticmethod
     def _device(choice: str):
         import torch  # noqa: PLC0415

@@ -275,6 +275,11 @@ class TapsBackend:
 
         self._preprocess = Compose(list(self._taps.build_preprocessing().transforms[1:]))
 
+    @property
+    def uses_gpu(self) -> bool:
+        """True when ONNX Runtime runs the model on its CUDA provider."""
+        return self.provider == "CUDAExecutionProvider"
+
     def segment(self, inputs: SegmentationInputs) -> SegmentationResult:
         """Segment the prostate gland on ``inputs.t2w`` (the other channels are ignored).
 
