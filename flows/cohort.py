@@ -28,6 +28,7 @@ def cohort_flow(
     config_file: str | None = None,
     output_root: str | None = None,
     force: bool = False,
+    force_steps: list[str] | None = None,
 ) -> State:
     """Process every exam under ``root``; the result is ``{"patients": [...], "models": [...]}``.
 
@@ -41,11 +42,17 @@ def cohort_flow(
     models
         Segmentation model specs (``demo``, ``taps``, nnU-Net model folders, ``auto``);
         default: ``settings.segmentation.model``.
+    force, force_steps
+        Recompute every step, or these steps (e.g. ``["register", "segment"]``), even when
+        a finished run with the same inputs and parameters is on record.
     """
     settings = load_settings(config_file, data_root=root, output_root=output_root)
     specs = resolve_models(models or [settings.segmentation.model], demo=False)
     command = f"run {root} " + " ".join(f"--model {m}" for m in specs)
-    with pipeline_run(settings, command=command, force=force) as (ctx, run):
+    with pipeline_run(settings, command=command, force=force, force_steps=force_steps) as (
+        ctx,
+        run,
+    ):
         exams = discover_exams(settings.data_root)
         get_run_logger().info("found %d exams; models: %s", len(exams), ", ".join(specs))
         results = ingest_exams(exams, ctx, pseudonym_secret(settings), settings.steps.ingest)

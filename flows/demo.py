@@ -63,6 +63,7 @@ def demo_flow(
     config_file: str | None = None,
     output_root: str | None = None,
     force: bool = False,
+    force_steps: list[str] | None = None,
 ) -> State:
     """Generate ``patients`` synthetic exams and process them (result: per-patient entries).
 
@@ -73,7 +74,8 @@ def demo_flow(
     seed = seed if seed is not None else settings.demo.seed
     root = settings.output_root / DEMO_DIR
     logger = get_run_logger()
-    with pipeline_run(settings, command=f"demo --patients {n} --seed {seed}", force=force) as (
+    command = f"demo --patients {n} --seed {seed}"
+    with pipeline_run(settings, command=command, force=force, force_steps=force_steps) as (
         ctx,
         run,
     ):

@@ -53,7 +53,11 @@ class RunHandle:
 
 @contextmanager
 def pipeline_run(
-    settings: Settings, *, command: str, force: bool = False
+    settings: Settings,
+    *,
+    command: str,
+    force: bool = False,
+    force_steps: list[str] | None = None,
 ) -> Iterator[tuple[RunContext, RunHandle]]:
     """Migrate the database, record a running pipeline run, and close it with its outcome.
 
@@ -79,6 +83,7 @@ def pipeline_run(
         pipeline_run_id=run_id,
         threads=settings.threads.per_worker(),
         force=force,
+        force_steps=frozenset(force_steps or ()),
     )
     handle = RunHandle()
     try:

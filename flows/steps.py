@@ -43,6 +43,13 @@ class RunContext:
     pipeline_run_id: str | None = None
     threads: int = 1
     force: bool = False
+    force_steps: frozenset[str] = frozenset()
+    """Steps to recompute even when cached: a recorded step name (``register``) or its
+    prefix before ``_`` (``segment`` for ``segment_demo``, ``segment_taps``, ...)."""
+
+    def forces(self, step: str) -> bool:
+        """True when ``step`` must run again (``--force`` or one of ``--force-step``)."""
+        return self.force or any(step == s or step.startswith(f"{s}_") for s in self.force_steps)
 
 
 @dataclass(frozen=True)
@@ -147,7 +154,7 @@ def execute_step(
     """
     key = cache_key(step, version, inputs, parameters)
     engine = engine_for(ctx.database_url)
-    if not ctx.force:
+    if not ctx.forces(step):
         with session_scope(engine) as session:
             hit = find_completed_step(session, patient_pseudo_id=patient, step=step, cache_key=key)
             outputs = list(hit.outputs) if hit is not None else None

@@ -1,0 +1,70 @@
+"""execute_step: cache hits, --force and per-step invalidation (--force-step)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from db.store import upgrade
+from flows.steps import FileRef, RunContext, execute_step
+from tasks.io import write_text_atomic
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> RunContext:
+    url = f"sqlite:///{tmp_path / 'provenance.sqlite'}"
+    upgrade(url)
+    return RunContext(database_url=url, output_root=tmp_path)
+
+
+def _run(ctx: RunContext, step: str, calls: list[str]) -> str:
+    out = ctx.output_root / f"{step}.txt"
+
+    def work() -> tuple[list[FileRef], dict]:
+        calls.append(step)
+        write_text_atomic(out, step)
+        return [FileRef.of(step, out)], {}
+
+    outcome = execute_step(
+        ctx, patient=None, step=step, version="1", inputs=[], parameters={}, run=work
+    )
+    return outcome.status
+
+
+def test_finished_steps_are_cache_hits(ctx: RunContext) -> None:
+    calls: list[str] = []
+    assert [_run(ctx, s, calls) for s in ("register", "register")] == ["completed", "cached"]
+    assert calls == ["register"]
+
+
+def test_force_recomputes_every_step(ctx: RunContext) -> None:
+    calls: list[str] = []
+    for step in ("n4", "register"):
+        _run(ctx, step, calls)
+    forced = replace(ctx, force=True)
+    assert [_run(forced, s, calls) for s in ("n4", "register")] == ["completed"] * 2
+
+
+def test_force_step_recomputes_that_step_and_its_variants_only(ctx: RunContext) -> None:
+    calls: list[str] = []
+    steps = ("n4", "register", "segment_demo", "segment_taps", "segmentation_extra")
+    for step in steps:
+        _run(ctx, step, calls)
+    forced = replace(ctx, force_steps=frozenset({"register", "segment"}))
+    statuses = {s: _run(forced, s, calls) for s in steps}
+    assert statuses == {
+        "n4": "cached",
+        "register": "completed",
+        "segment_demo": "completed",
+        "segment_taps": "completed",
+        "segmentation_extra": "cached",  # a prefix match needs the "_" separator
+    }
+
+
+def test_a_changed_output_is_not_a_cache_hit(ctx: RunContext) -> None:
+    calls: list[str] = []
+    _run(ctx, "adc", calls)
+    (ctx.output_root / "adc.txt").write_text("tampered")
+    assert _run(ctx, "adc", calls) == "completed"
