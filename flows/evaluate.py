@@ -172,6 +172,7 @@ def evaluate_flow(
     cases: list[dict[str, Any]] = []
     unmatched: list[str] = []
     errors: list[str] = []
+    outcomes: list[dict[str, Any]] = []  # per case, for the pipeline run's status and summary
     with pipeline_run(settings, command=f"evaluate {' '.join(references)}") as (ctx, run):
         engine = engine_for(ctx.database_url)
         for ref in found:
@@ -188,8 +189,11 @@ def evaluate_flow(
                 except (InputError, RuntimeError) as error:  # RuntimeError: unreadable file
                     problem = getattr(error, "problem", None) or str(error).strip()
                     errors.append(f"{ref.name}: {ref.path} vs {model} mask of {patient}: {problem}")
+                    failed = {"status": "error", "step": "evaluate", "error": problem}
+                    outcomes.append({"patient": patient} | failed)
                     continue
                 cases.append(case)
+                outcomes.append({"patient": patient, "status": "ok"})
                 metrics = {k: case[k] for k in METRICS}
                 with session_scope(engine) as session:
                     record_evaluation_metrics(
@@ -218,7 +222,7 @@ def evaluate_flow(
         )
         for line in errors:
             logger.error(line)
-        run.finish([])
+        run.finish(outcomes)
     return {
         "cases": cases,
         "summary": summary,
