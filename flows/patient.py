@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,19 @@ def ingested_refs(result: dict[str, Any], out_dir: Path) -> list[FileRef]:
 
 
 def submit_exam(
-    result: dict[str, Any], ctx: RunContext, settings: Settings, models: list[str]
-) -> dict[str, PrefectFuture]:
-    """Submit the whole chain for one ingested exam; return the futures of its last steps.
+    result: dict[str, Any],
+    ctx: RunContext,
+    settings: Settings,
+    models: list[str],
+    futures: dict[str, PrefectFuture],
+) -> Iterator[None]:
+    """Submit the chain of one ingested exam step by step, pausing (``yield``) after each.
 
     b1000 -> denoising -> N4 -> registration -> ADC, then per model: segmentation, then
-    radiomics and the QC figure. Each step waits for the one it reads from. The returned
-    dict maps ``"b1000"``, ``"denoise"``, ``"n4"``, ``"register"``, ``"adc"``,
-    ``"segment:<model>"``, ``"radiomics:<model>"`` and ``"qc:<model>"`` to their futures,
-    in submission order.
+    radiomics and the QC figure. Each step waits for the one it reads from. ``futures``
+    receives, in submission order, ``"b1000"``, ``"denoise"``, ``"n4"``, ``"register"``,
+    ``"adc"``, ``"segment:<model>"``, ``"radiomics:<model>"`` and ``"qc:<model>"``.
+    Driven by :func:`submit_breadth_first`.
     """
     out_dir = ctx.output_root / PATIENTS_DIR
     refs = ingested_refs(result, out_dir)
@@ -59,30 +64,47 @@ def submit_exam(
         dwi=tuple(r for r in refs if r.role.startswith("dwi_b")),
     )
     steps = settings.steps
-    standardized = standardize_task.submit(patient, folder, images, ctx, steps.dwi_fit)
-    denoised = denoise_task.submit(
-        patient, folder, standardized, ctx, steps.t2_denoise, steps.susan
+    # In submission order: the first failed one is the step to blame.
+    futures["b1000"] = standardize_task.submit(patient, folder, images, ctx, steps.dwi_fit)
+    yield
+    futures["denoise"] = denoise_task.submit(
+        patient, folder, futures["b1000"], ctx, steps.t2_denoise, steps.susan
     )
-    corrected = n4_task.submit(patient, folder, denoised, ctx, steps.n4)
-    registered = register_task.submit(patient, folder, corrected, ctx, steps.registration)
+    yield
+    futures["n4"] = n4_task.submit(patient, folder, futures["denoise"], ctx, steps.n4)
+    yield
+    futures["register"] = register_task.submit(
+        patient, folder, futures["n4"], ctx, steps.registration
+    )
+    yield
     acquired = tuple(sorted(dwi_refs(list(images.dwi))))
-    adc = adc_task.submit(patient, folder, registered, acquired, ctx, steps.dwi_fit)
-    futures = {  # in submission order: the first failed one is the step to blame
-        "b1000": standardized,
-        "denoise": denoised,
-        "n4": corrected,
-        "register": registered,
-        "adc": adc,
-    }
+    adc = adc_task.submit(patient, folder, futures["register"], acquired, ctx, steps.dwi_fit)
+    futures["adc"] = adc
+    yield
     params = segmentation_params(settings.segmentation, ctx.threads)
     for model in models:  # ``adc`` resolves to the T2-grid images by role
         masks = segment_task.submit(patient, folder, adc, model, ctx, params)
         futures[f"segment:{model}"] = masks
+        yield
         futures[f"radiomics:{model}"] = radiomics_task.submit(
             patient, folder, adc, masks, model, ctx, settings.measure.radiomics_file
         )
         futures[f"qc:{model}"] = qc_task.submit(patient, folder, adc, masks, model, ctx)
-    return futures
+        yield
+
+
+def submit_breadth_first(chains: list[Iterator[None]]) -> None:
+    """Advance every exam's chain one submission at a time, round robin.
+
+    A task that reads a future waits for it inside its runner thread. Submitting one exam's
+    whole chain before the next exam's (depth first) therefore filled the pool's threads
+    with steps waiting on the same exam: with 2 workers, one worked while the other waited,
+    so exams ran one at a time. Breadth first, every exam's first step is queued before any
+    exam's second step, so the threads find runnable work while upstream steps finish.
+    """
+    active = list(chains)
+    while active:
+        active = [chain for chain in active if next(chain, StopIteration) is not StopIteration]
 
 
 def process_exams(
@@ -93,11 +115,12 @@ def process_exams(
     A failed step fails only its own exam: the entry gets ``status="error"``, the ``step``
     that failed and its error; the exam's finished outputs are kept (and listed).
     """
-    futures = {
-        i: submit_exam(r, ctx, settings, models)
-        for i, r in enumerate(results)
-        if r["status"] == "ok"
+    futures: dict[int, dict[str, PrefectFuture]] = {
+        i: {} for i, r in enumerate(results) if r["status"] == "ok"
     }
+    submit_breadth_first(
+        [submit_exam(results[i], ctx, settings, models, futures[i]) for i in futures]
+    )
     for future in (f for exam in futures.values() for f in exam.values()):
         future.wait()
     with session_scope(engine_for(ctx.database_url)) as session:
