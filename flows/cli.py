@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, help="random seed (default 0)")
     demo.add_argument("--output", metavar="DIR", help="output root (default ./output)")
     demo.add_argument("--force", action="store_true", help="recompute cached steps")
+    demo.add_argument(
+        "--force-step",
+        action="append",
+        metavar="STEP",
+        help="recompute this step even when cached (repeat; e.g. register, n4, segment)",
+    )
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
 
     run = commands.add_parser(
@@ -90,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", metavar="tcp://HOST:PORT", help="Dask scheduler address")
     run.add_argument("--output", metavar="DIR", help="output root (default ./output)")
     run.add_argument("--force", action="store_true", help="recompute cached steps")
+    run.add_argument(
+        "--force-step",
+        action="append",
+        metavar="STEP",
+        help="recompute this step even when cached (repeat; e.g. register, n4, segment)",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object")
 
     evaluate = commands.add_parser(
@@ -143,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--output", metavar="DIR", help="output root (default ./output)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_analysis_commands(commands)
 
     db = commands.add_parser("db", help="provenance database: migrate, show revision")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -167,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": _evaluate,
         "ingest": _ingest,
         "status": _status,
+        "features": _features,
+        "volumes": _volumes,
+        "report": _cohort_report,
         "train-demo-model": _train_demo_model,
         "db": _db,
         "config": _config,
@@ -219,6 +237,137 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _add_analysis_commands(commands: Any) -> None:
+    """The read-only commands over the provenance database: features, volumes, report."""
+    features = commands.add_parser(
+        "features",
+        help="export the radiomics features (long, or --wide) to Parquet or CSV",
+        description="Write the newest radiomics values of every patient, image and mask. "
+        "Long form: one row per value (patient, model, zone, mask, image, feature_class, "
+        "feature, wide_column, value, settings_hash, step_run_id, ...). --wide: one row "
+        "per patient x image x mask, one column per feature named <class>_<feature> in "
+        "lower case (e.g. firstorder_mean), as the SQL view radiomics_wide.",
+    )
+    features.add_argument(
+        "-o", "--out-file", required=True, metavar="FILE", help="file to write (.parquet, .csv)"
+    )
+    features.add_argument("--wide", action="store_true", help="one column per feature")
+    for flag, what in (
+        ("--image", "image: t2w, adc, b1000"),
+        ("--zone", "zone: gland, pz, tz"),
+        ("--model", "segmentation model, e.g. demo, taps"),
+        ("--feature-class", "pyradiomics class, e.g. firstorder, glcm, shape"),
+        ("--patient", "pseudonymous patient id"),
+    ):
+        features.add_argument(flag, action="append", metavar="NAME", help=f"only this {what}")
+    features.add_argument("--run", metavar="ID", help="only what this pipeline run computed")
+    volumes = commands.add_parser(
+        "volumes",
+        help="print the mask volumes (mL) per patient, model and label",
+        description="The newest mask volumes (mL) per patient, model and label; -o also "
+        "writes the whole table (with voxel counts, mask paths, step runs).",
+    )
+    volumes.add_argument("-o", "--out-file", metavar="FILE", help="also write to FILE")
+    report = commands.add_parser(
+        "report",
+        help="write the cohort report: one self-contained HTML file",
+        description="Run summary, failures with reasons, time per step, gland-volume "
+        "distribution, QC thumbnails linking to the full figures, evaluation table.",
+    )
+    report.add_argument("-o", "--out-file", metavar="FILE", help="default OUTPUT/report.html")
+    report.add_argument("--title", default="Cohort report", help="the report's heading")
+    for command in (features, volumes):
+        command.add_argument("--format", choices=("parquet", "csv"), help="default: by suffix")
+    for command in (features, volumes, report):
+        command.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+
+
+@contextmanager
+def _analysis_session(settings: Settings) -> Iterator[Any]:
+    """A session on the provenance database, or None (message printed) when there is none."""
+    from sqlalchemy.engine import make_url
+
+    from db.store import current_revision, make_engine, session_scope
+
+    url = settings.resolved_database_url
+    if current_revision(url) is None:
+        shown = make_url(url).render_as_string(hide_password=True)
+        print(f"prostate-cohort: no provenance database at {shown}: nothing has run yet")
+        yield None
+        return
+    engine = make_engine(url)
+    try:
+        with session_scope(engine) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _read_table(args: argparse.Namespace, settings: Settings, query: Any) -> Any:
+    """``query(session)`` (a DataFrame), or an exit code: 2 when ``--out-file`` names no
+    table format, 1 when there is no database yet (each with its message)."""
+    from flows.exports import table_format
+
+    try:
+        if args.out_file is not None:
+            table_format(args.out_file, args.format)
+    except ValueError as error:
+        print(f"prostate-cohort: {error}", file=sys.stderr)
+        return 2
+    with _analysis_session(settings) as session:
+        return 1 if session is None else query(session)
+
+
+def _features(args: argparse.Namespace, settings: Settings) -> int:
+    from db.queries import features
+    from flows.exports import write_table
+
+    filters = {
+        "images": args.image,
+        "zones": args.zone,
+        "models": args.model,
+        "feature_classes": args.feature_class,
+        "patients": args.patient,
+        "pipeline_run_id": args.run,
+    }
+    frame = _read_table(args, settings, lambda s: features(s, wide=args.wide, **filters))
+    if isinstance(frame, int):
+        return frame
+    write_table(frame, args.out_file, fmt=args.format)
+    print(f"{len(frame)} rows x {frame.shape[1]} columns -> {args.out_file}")
+    return 0
+
+
+def _volumes(args: argparse.Namespace, settings: Settings) -> int:
+    import pandas as pd
+
+    from db.queries import volumes
+    from flows.exports import write_table
+
+    frame = _read_table(args, settings, volumes)
+    if isinstance(frame, int):
+        return frame
+    shown = frame[["patient", "model", "label_name", "volume_ml", "voxel_count"]]
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"{len(frame)} volumes (mL)")
+    if args.out_file:
+        write_table(frame, args.out_file, fmt=args.format)
+    return 0
+
+
+def _cohort_report(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.report_html import write_report
+
+    path = Path(args.out_file or settings.output_root / "report.html")
+    with _analysis_session(settings) as session:
+        if session is None:
+            return 1
+        data = write_report(session, path, title=args.title)
+    print(f"report: {path} ({len(data.patients)} patients, {len(data.failures)} failures)")
+    return 0
+
+
 def _db(args: argparse.Namespace, settings: Settings) -> int:
     from db.store import current_revision, head_revision, upgrade
 
@@ -259,6 +408,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         config_file=args.config,
         output_root=str(settings.output_root),
         force=args.force,
+        force_steps=args.force_step,
     )
     return _report(result["patients"], args.json, header=f"demo cohort: {result['cohort']}")
 
@@ -278,6 +428,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         config_file=args.config,
         output_root=str(settings.output_root),
         force=args.force,
+        force_steps=args.force_step,
     )
     code = _report(result["patients"], args.json and not args.reference, header="processed")
     if args.reference:

@@ -1,10 +1,18 @@
-"""Shared fixtures: a real PostgreSQL server for the session, and fresh databases per test.
+"""Shared fixtures: a real PostgreSQL server for the session, fresh databases per test, and
+one pipeline-made cohort shared by the flow, query and report tests.
 
-``postgres_url``  (session)  starts a throw-away PostgreSQL server on 127.0.0.1 with the
-                             Debian ``postgresql`` binaries; skips the test if there are none.
-``db_url``        (function) an empty database, once on SQLite and once on PostgreSQL
-                             (the latter marked ``postgres``): ``-m "not postgres"`` skips it.
-``db_engine``     (function) ``db_url`` migrated to the newest schema, as an engine.
+``postgres_url``   (session)  starts a throw-away PostgreSQL server on 127.0.0.1 with the
+                              Debian ``postgresql`` binaries; skips the test if there are none.
+``db_url``         (function) an empty database, once on SQLite and once on PostgreSQL
+                              (the latter marked ``postgres``): ``-m "not postgres"`` skips it.
+``db_engine``      (function) ``db_url`` migrated to the newest schema, as an engine.
+``prefect_server`` (session)  a temporary Prefect API server for flows run in-process.
+``demo``           (session)  the demo flow's output: 4 synthetic exams through the chain.
+``analysed_demo``  (session)  a copy of ``demo`` with an evaluation against the phantoms'
+                              true masks and a fifth exam that failed at ingest, all made
+                              by the pipeline's own flows (SQLite).
+``cohort_url``     (session)  ``analysed_demo``'s database, once as its SQLite file and once
+                              copied row by row into PostgreSQL (marked ``postgres``).
 """
 
 from __future__ import annotations
@@ -17,11 +25,16 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 PG_MISSING = (
     "PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian package "
@@ -111,7 +124,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'provenance.db'}"
         return
-    server = make_url(request.getfixturevalue("postgres_url"))
+    with _postgres_database(request.getfixturevalue("postgres_url")) as url:
+        yield url
+
+
+@contextmanager
+def _postgres_database(server_url: str) -> Iterator[str]:
+    """A new, empty database on the test server (dropped afterwards); its URL."""
+    server = make_url(server_url)
     name = f"test_{uuid.uuid4().hex[:16]}"
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     try:
@@ -133,3 +153,123 @@ def db_engine(db_url: str) -> Iterator[Engine]:
     engine = make_engine(db_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real (temporary, SQLite-backed) Prefect API server for flows run in-process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> tuple[Path, dict]:
+    """The demo flow's output root and result: 4 synthetic exams through the whole chain."""
+    from flows.demo import demo_flow
+
+    out = tmp_path_factory.mktemp("demo")
+    result = demo_flow(patients=4, seed=0, output_root=str(out))
+    return out, result
+
+
+@dataclass(frozen=True)
+class AnalysedDemo:
+    """``analysed_demo``: where it lies and what the flows returned."""
+
+    root: Path
+    """Output root of the copy (its database: ``url``)."""
+    url: str
+    demo: dict[str, Any]
+    """The demo flow's result (4 patients, all completed)."""
+    evaluation: dict[str, Any]
+    """The evaluate flow's result (reference ``phantom``: the true gland masks)."""
+    broken: dict[str, Any]
+    """The ingest flow's entry for the exam without DWI (``status`` ``error``)."""
+
+
+@pytest.fixture(scope="session")
+def analysed_demo(demo, tmp_path_factory: pytest.TempPathFactory) -> AnalysedDemo:
+    """A copy of the demo output (the shared one stays as the other tests expect), then the
+    evaluate flow against the true masks and the ingest flow on an exam with no DWI.
+
+    The copied database still names the original demo's files (masks, QC figures), which
+    stay in place for the whole session.
+    """
+    from flows.evaluate import evaluate_flow
+    from flows.ingest import ingest_flow
+
+    demo_out, demo_result = demo
+    base = tmp_path_factory.mktemp("analysed")
+    out, references, cohort = base / "out", base / "refs" / "phantom", base / "cohort"
+    shutil.copytree(demo_out, out, ignore=shutil.ignore_patterns("demo-cohort"))
+    references.mkdir(parents=True)
+    for truth in sorted((demo_out / "demo-cohort" / "truth").iterdir()):
+        shutil.copy(truth / "t2_gland_mask.nii.gz", references / f"{truth.name}.nii.gz")
+    evaluation = evaluate_flow(references=[str(references)], output_root=str(out))
+    broken = cohort / "SYN-9999"
+    shutil.copytree(demo_out / "demo-cohort" / "dicom" / "SYN-0001", broken)
+    for dwi in [d for d in broken.rglob("*") if d.is_dir() and "diff" in d.name.lower()]:
+        shutil.rmtree(dwi)  # no DWI left: ingest fails
+    (entry,) = ingest_flow(root=str(cohort), output_root=str(out))["patients"]
+    assert entry["status"] == "error", entry
+    return AnalysedDemo(
+        out, f"sqlite:///{out / 'provenance.sqlite'}", demo_result, evaluation, entry
+    )
+
+
+def copy_database(source_url: str, target_url: str) -> None:
+    """Migrate ``target_url`` and copy every row of every table from ``source_url`` into it
+    (same ids; PostgreSQL's id sequences are moved past the copied ids)."""
+    from sqlmodel import SQLModel
+
+    from db.store import make_engine, upgrade
+
+    upgrade(target_url)
+    source, target = make_engine(source_url), make_engine(target_url)
+    try:
+        with source.connect() as read, target.begin() as write:
+            for table in SQLModel.metadata.sorted_tables:  # parents first
+                rows = [dict(row) for row in read.execute(table.select()).mappings()]
+                if rows:
+                    write.execute(table.insert(), rows)
+                if write.dialect.name == "postgresql" and table.autoincrement_column is not None:
+                    write.exec_driver_sql(
+                        f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
+                        f"(SELECT MAX(id) FROM {table.name}))"
+                    )
+    finally:
+        source.dispose()
+        target.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_cohort_url(analysed_demo: AnalysedDemo, postgres_url: str) -> Iterator[str]:
+    """``analysed_demo``'s rows copied into a new PostgreSQL database (:func:`copy_database`)."""
+    with _postgres_database(postgres_url) as url:
+        copy_database(analysed_demo.url, url)
+        yield url
+
+
+@pytest.fixture(
+    scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def cohort_url(request: pytest.FixtureRequest, analysed_demo: AnalysedDemo) -> str:
+    """``analysed_demo``'s database on SQLite, then the same rows on PostgreSQL."""
+    if request.param == "sqlite":
+        return analysed_demo.url
+    return request.getfixturevalue("postgres_cohort_url")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def cohort_copy_url(request: pytest.FixtureRequest, analysed_demo: AnalysedDemo, tmp_path: Path):
+    """A writable copy of ``analysed_demo``'s database, on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'copy.sqlite'}"
+        copy_database(analysed_demo.url, url)
+        yield url
+        return
+    with _postgres_database(request.getfixturevalue("postgres_url")) as url:
+        copy_database(analysed_demo.url, url)
+        yield url

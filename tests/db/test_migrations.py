@@ -24,10 +24,11 @@ TABLES = {
 }
 
 
-def _tables(url: str) -> set[str]:
+def _tables(url: str, *, views: bool = False) -> set[str]:
     engine = make_engine(url)
     try:
-        return set(inspect(engine).get_table_names())
+        inspector = inspect(engine)
+        return set(inspector.get_view_names() if views else inspector.get_table_names())
     finally:
         engine.dispose()
 
@@ -51,7 +52,7 @@ def test_models_define_the_expected_tables():
 def test_upgrade_to_head_creates_every_table(db_url):
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0001"
+    assert current_revision(db_url) == head_revision() == "0002"
     assert _tables(db_url) == TABLES | {"alembic_version"}
 
 
@@ -79,8 +80,22 @@ def test_downgrade_to_base_then_upgrade_again(db_url):
     added = {d[1].name for d in _schema_diff(db_url) if d[0] == "add_table"}
     assert added == TABLES
     upgrade(db_url)
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == head_revision()
     assert _schema_diff(db_url) == []
+
+
+def test_radiomics_wide_view_comes_and_goes_with_0002(db_url):
+    upgrade(db_url, "0001")
+    assert _tables(db_url, views=True) == set()
+    upgrade(db_url)
+    assert _tables(db_url, views=True) == {"radiomics_wide"}
+    engine = make_engine(db_url)
+    with engine.connect() as connection:  # it runs on an empty database
+        assert connection.exec_driver_sql("SELECT * FROM radiomics_wide").all() == []
+    engine.dispose()
+    downgrade(db_url, "0001")
+    assert _tables(db_url, views=True) == set() and current_revision(db_url) == "0001"
+    assert _tables(db_url) == TABLES | {"alembic_version"}
 
 
 def test_failed_migration_leaves_nothing_behind(db_url):
