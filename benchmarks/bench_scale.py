@@ -1,7 +1,8 @@
 """Benchmark: orchestration at cohort scale — 1,386 tiny synthetic patients through Prefect.
 
 Each patient is a tiny synthetic image (8 x 8 x 8 voxels, float32) that goes through the
-same fan-out as the pipeline (``flows/patient.py``): ten chained task runs per patient
+same fan-out as the pipeline (``flows/patient.py``, submitted breadth first like
+``submit_breadth_first``): ten chained task runs per patient
 (synthesize, ingest, b1000, denoise, n4, register, adc, segment, radiomics, qc), named
 ``<step>-<pseudonymous id>`` like the real ones, each running through
 :func:`flows.steps.execute_step` (cache lookup, input hashing, atomic output write, a
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +48,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-STEPS = (
-    "synthesize",
-    "ingest",
-    "b1000",
-    "denoise",
-    "n4",
-    "register",
-    "adc",
-    "segment",
-    "radiomics",
-    "qc",
-)
+#: The pipeline's steps per patient, in chain order.
+STEPS = ("synthesize", "ingest", "b1000", "denoise", "n4", "register", "adc", "segment")
+STEPS += ("radiomics", "qc")
 EDGE = 8  # voxels along each axis of a tiny patient
 
 
@@ -182,6 +175,7 @@ def run_prefect(root: Path, n: int, workers: int) -> tuple[float, str, str]:
     from prefect.cache_policies import NONE  # noqa: PLC0415
     from prefect.runtime import flow_run  # noqa: PLC0415
 
+    from flows.patient import submit_breadth_first  # noqa: PLC0415
     from flows.runners import SettingsTaskRunner  # noqa: PLC0415
 
     ctx = _context(root, threads=1)
@@ -190,14 +184,16 @@ def run_prefect(root: Path, n: int, workers: int) -> tuple[float, str, str]:
     def tiny_step(patient: str, name: str, folder: Path, source: Any) -> Any:
         return step(ctx, patient, name, folder, source)
 
+    def chain(patient: str, last: dict[str, Any]) -> Iterator[None]:
+        for name in STEPS:
+            last[patient] = tiny_step.submit(patient, name, root / patient, last.get(patient))
+            yield
+
     @flow(name="scale-benchmark", task_runner=SettingsTaskRunner(max_workers=workers))
     def scale_flow(n: int) -> str:
-        futures = []
-        for patient in patient_ids(n):
-            ref = None
-            for name in STEPS:
-                ref = tiny_step.submit(patient, name, root / patient, ref)
-            futures.append(ref)
+        last: dict[str, Any] = {}  # patient -> future of its latest step
+        submit_breadth_first([chain(patient, last) for patient in patient_ids(n)])
+        futures = list(last.values())
         for future in futures:
             future.wait()
         failed = sum(not f.state.is_completed() for f in futures)
