@@ -54,24 +54,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cohort_report import STEPS  # beside this file: one list of the steps reported
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 DATA = REPO.parent / "shared" / "data"
 COHORT = 1386
 CHAINS = HERE / "cohort_chains.py"
-STEPS = (
-    "ingest",
-    "b1000",
-    "denoise",
-    "n4",
-    "register",
-    "adc",
-    "segment",
-    "volume",
-    "radiomics",
-    "qc",
-)
 TASK_RUNS_PER_PATIENT = 9  # ingest, b1000, denoise, n4, register, adc, segment, radiomics, qc
 
 

@@ -68,3 +68,17 @@ def test_a_changed_output_is_not_a_cache_hit(ctx: RunContext) -> None:
     _run(ctx, "adc", calls)
     (ctx.output_root / "adc.txt").write_text("tampered")
     assert _run(ctx, "adc", calls) == "completed"
+
+
+def test_chains_are_submitted_breadth_first() -> None:
+    from flows.patient import submit_breadth_first  # noqa: PLC0415
+
+    order: list[str] = []
+
+    def chain(exam: str, steps: int):
+        for k in range(steps):
+            order.append(f"{exam}{k}")
+            yield
+
+    submit_breadth_first([chain("a", 3), chain("b", 2), chain("c", 3)])
+    assert order == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "c2"]
