@@ -2,9 +2,10 @@
 formula, plus fit timings on this ProstateX-sized DWI.
 
 The DWI series ``8.000000-ep2dadvdiff3Scan4bvalspair511b`` holds b = 0/100/400/800 in one
-series; series ``19`` is a separate b1400 acquisition on the same slices. Every method fits
-b0-b800 of series 8, predicts b1400, and is scored against the measured b1400 inside the
-central box of the volume (middle half along each axis) as the median absolute relative
+series; series ``19`` is a separate b1400 acquisition on the same slices (TE 72 ms, TR
+3600 ms against series 8's 60 / 3300 ms: its signal is not on series 8's S0 scale). Every
+method fits b0-b800 of series 8, predicts b1400, and is scored against the measured b1400
+inside the central box of the volume (middle half along each axis) as the median absolute relative
 error ``|pred - measured| / measured``. No method can remove what is common to all of them:
 the measured b1400 sits near the Rician noise floor, tissue decay is not mono-exponential
 at high b, and the separate series may be scaled differently (reported: the separate b100
@@ -35,6 +36,7 @@ EXAM = DATA / "dicom" / "ProstateX-0218" / "02-18-2011"
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_B = 1400.0
 ADC_RANGE = DwiFitParams().adc_range_mm2_s
+DEFAULT_ESTIMATOR = DwiFitParams().estimator
 
 
 def _series(prefix: str) -> Path:
@@ -102,9 +104,10 @@ def main() -> int:
         return {"fit_b_values": used, **score(predicted)}
 
     all_b = tuple(b_values)
+    default_name = DEFAULT_ESTIMATOR
     methods = {
-        "ours (default: wlls, b >= 50 rule)": ours(DwiFitParams()),
-        "ours, wlls on all b": ours(DwiFitParams(b_values=all_b)),
+        "ours, wlls (b >= 50 rule)": ours(DwiFitParams(estimator="wlls")),
+        "ours, wlls on all b": ours(DwiFitParams(estimator="wlls", b_values=all_b)),
         "ours, wlls_measured (b >= 50 rule)": ours(DwiFitParams(estimator="wlls_measured")),
         "ours, ols (b >= 50 rule)": ours(DwiFitParams(estimator="ols")),
         "ours, ols on all b": ours(DwiFitParams(estimator="ols", b_values=all_b)),
@@ -115,17 +118,15 @@ def main() -> int:
     bright = region & (stack[b_values.index(100.0)] > 50)
     scale_ratio = float(np.median(b100_separate[bright] / stack[b_values.index(100.0)][bright]))
 
-    timing_params = DwiFitParams()
+    timing_params = DwiFitParams(estimator="wlls")
     timings = {
-        "ours_default_s": _best_of(
-            lambda: fit_monoexponential(stack, b_values, params=timing_params)
-        ),
+        "ours_wlls_s": _best_of(lambda: fit_monoexponential(stack, b_values, params=timing_params)),
         "ours_ols_s": _best_of(
             lambda: fit_monoexponential(stack, b_values, params=DwiFitParams(estimator="ols"))
         ),
         "through_origin_s": _best_of(lambda: through_origin_adc(stack, b_values)),
     }
-    default = methods["ours (default: wlls, b >= 50 rule)"]["median_abs_rel_error"]
+    default = methods[f"ours, {default_name} (b >= 50 rule)"]["median_abs_rel_error"]
     tool = methods["through-origin on all b (the tool as used)"]["median_abs_rel_error"]
     result = {
         "exam": "ProstateX-0218 (Siemens TrioTim 3T)",
@@ -137,6 +138,7 @@ def main() -> int:
         "measured_b1400_median": float(np.median(measured[region])),
         "separate_series_b100_over_series8_b100_median": scale_ratio,
         "methods": methods,
+        "default_estimator": default_name,
         "ours_not_worse_than_tool": bool(default <= tool),
         "timing": {
             "volume_shape_nb_z_y_x": list(stack.shape),
@@ -174,13 +176,14 @@ def _markdown(result: dict) -> str:
     t = result["timing"]
     lines += [
         "",
-        f"Ours (default) not worse than the tool's formula as used: "
+        f"Ours (default estimator, {result['default_estimator']}, b >= 50 rule) not worse "
+        "than the tool's formula as used: "
         f"{result['ours_not_worse_than_tool']}.",
         f"Separate-series scaling: b100 of series 17 / b100 of series 8 = "
         f"{result['separate_series_b100_over_series8_b100_median']:.3f} (median).",
         "",
         f"Timing on a {'x'.join(map(str, t['volume_shape_nb_z_y_x']))} stack (best of 5, "
-        f"1 thread): ours default {t['ours_default_s'] * 1e3:.0f} ms, ours OLS "
+        f"1 thread): ours wlls {t['ours_wlls_s'] * 1e3:.0f} ms, ours OLS "
         f"{t['ours_ols_s'] * 1e3:.0f} ms, through-origin {t['through_origin_s'] * 1e3:.0f} ms.",
         "",
     ]

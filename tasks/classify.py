@@ -22,12 +22,20 @@ Selection (:func:`select_series`), every rule deterministic:
 
 * T2W: ORIGINAL before DERIVED, then most slice positions, then finest in-plane pixel
   area, then lowest series number, then folder name.
-* DWI: the primary series has the most distinct b-values, then most slice positions, then
-  lowest series number. Every other DWI series on the primary's grid (same orientation,
-  matrix, pixel spacing and in-plane origin) is merged; a b-value present more than once is
-  averaged. DWI series on another grid are rejected.
-* ADC: on the primary DWI grid, then same echo and repetition time as the primary DWI (the
-  same acquisition), then most slices, then lowest series number, then folder.
+* DWI: the primary series has the most distinct b-values, then most slices, then lowest
+  series number. Another DWI series is merged into it only when it is on the primary's grid
+  (same orientation, matrix, pixel spacing and in-plane origin) *and* of the same
+  acquisition (echo and repetition time within ``ACQUISITION_TOL_MS``; a time missing on
+  one side only counts as different). A b-value present more than once within that
+  acquisition is averaged. DWI series on another grid, or of another acquisition (e.g. a
+  separate high-b series with a longer TE), are rejected: one fit must not mix echo times,
+  because S0 differs between them. On ProstateX-0218, merging the TE 72 ms b100/500/1400
+  series into the TE 60 ms b0-800 series put the ADC 13.9 % (wlls) to 30.4 % (ols) below
+  the scanner's map of the primary series in the central box (-4.2 % / -15.7 % in the TAPS
+  gland), against +0.5 % / -3.3 % for the primary series alone
+  (``benchmarks/results/adc_scanner.md``).
+* ADC: on the primary DWI grid, then of the same acquisition as the primary DWI (echo and
+  repetition time as above), then most slices, then lowest series number, then folder.
 * Computed high b: one per b-value, with the same ordering as ADC.
 """
 
@@ -49,6 +57,7 @@ AXIAL_MAX_DEGREES = 30.0
 T2_MIN_ECHO_MS = 60.0
 ORIENTATION_TOL = 1e-3
 POSITION_TOL_MM = 0.05
+ACQUISITION_TOL_MS = 0.5  # echo / repetition times closer than this count as equal
 
 _LOCALIZER = re.compile(r"locali[sz]er|scout|survey|3[- ]?plane", re.IGNORECASE)
 _ADC = re.compile(r"(?<![a-z])d?adc(?![a-z])|apparent[ _-]?diffusion", re.IGNORECASE)
@@ -224,8 +233,25 @@ def _number(value: int | None) -> float:
     return float(value) if value is not None else math.inf
 
 
+def _same_time(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(float(a) - float(b)) <= ACQUISITION_TOL_MS
+
+
 def _same_acquisition(a: Sequence[DicomHeader], b: Sequence[DicomHeader]) -> bool:
-    return (a[0].echo_time, a[0].repetition_time) == (b[0].echo_time, b[0].repetition_time)
+    """Same echo and repetition time (within ``ACQUISITION_TOL_MS``; both missing = same)."""
+    return _same_time(a[0].echo_time, b[0].echo_time) and _same_time(
+        a[0].repetition_time, b[0].repetition_time
+    )
+
+
+def _te_tr(headers: Sequence[DicomHeader]) -> str:
+    def text(value: float | None) -> str:
+        return "?" if value is None else f"{value:g}"
+
+    h = headers[0]
+    return f"TE {text(h.echo_time)} ms, TR {text(h.repetition_time)} ms"
 
 
 def select_series(series: Mapping[str, Sequence[DicomHeader]]) -> Selection:
@@ -282,6 +308,14 @@ def select_series(series: Mapping[str, Sequence[DicomHeader]]) -> Selection:
             if not same_grid(series[primary], series[other]):
                 decide(other, False, f"not on the grid of the primary DWI series {primary}")
                 continue
+            if not _same_acquisition(series[primary], series[other]):
+                decide(
+                    other,
+                    False,
+                    f"another acquisition ({_te_tr(series[other])} vs primary {primary} "
+                    f"{_te_tr(series[primary])}): not mixed into the primary's fit",
+                )
+                continue
             dwi.append(other)
             for b in classes[other].b_values:
                 seen.setdefault(b, []).append(other)
@@ -295,10 +329,10 @@ def select_series(series: Mapping[str, Sequence[DicomHeader]]) -> Selection:
             if folder == primary:
                 why = "selected as primary DWI (most b-values, most slices, lowest number)"
             else:
-                why = f"merged with primary DWI {primary} (same grid)"
-                if not _same_acquisition(series[primary], series[folder]):
-                    te_p, te_o = series[primary][0].echo_time, series[folder][0].echo_time
-                    why += f"; note: TE {te_o} ms vs primary's {te_p} ms"
+                why = (
+                    f"merged with primary DWI {primary} (same grid, same acquisition: "
+                    f"{_te_tr(series[folder])})"
+                )
             decide(folder, True, "; ".join([why, *notes]))
 
     def pick(kind: str, label: str) -> list[str]:

@@ -174,24 +174,81 @@ def test_non_axial_dwi_is_rejected() -> None:
     assert result.kind == "other" and "coronal" in result.reason
 
 
-def test_dwi_merge_average_and_grid_rule() -> None:
+def test_dwi_one_acquisition_per_fit_and_grid_rule() -> None:
+    """Like ProstateX-0218: b0-800 at TE 60 ms plus separate single-b series at TE 72 ms."""
     grid = {"spacing": (2.0, 2.0), "matrix": (128, 84)}
     multi = make_series(number=8, b_values=(0, 100, 400, 800), **grid, **EPI)
-    single_100 = make_series(number=17, b_values=(100,), **grid, **{**EPI, "EchoTime": 72})
-    single_1400 = make_series(number=19, b_values=(1400,), **grid, **EPI)
+    other_te = {**EPI, "EchoTime": 72, "RepetitionTime": 3600}
+    single_100 = make_series(number=17, b_values=(100,), **grid, **other_te)
+    single_1400 = make_series(number=19, b_values=(1400,), **grid, **other_te)
     other_grid = make_series(
         number=20, b_values=(2000,), spacing=(1.0, 1.0), matrix=(256, 168), **EPI
     )
     selection = select_series(
         {"ex/17": single_100, "ex/19": single_1400, "ex/8": multi, "ex/20": other_grid}
     )
-    assert selection.dwi == ("ex/8", "ex/17", "ex/19")  # primary (most b) first
+    assert selection.dwi == ("ex/8",)
     by_folder = {d.folder: d for d in selection.decisions}
-    assert "primary" in by_folder["ex/8"].reason
-    assert "b100 also in ex/17: averaged" in by_folder["ex/8"].reason
-    assert "b100 also in ex/8: averaged" in by_folder["ex/17"].reason
-    assert "TE 72" in by_folder["ex/17"].reason  # differing echo time is reported
+    assert by_folder["ex/8"].selected and "primary" in by_folder["ex/8"].reason
+    assert "averaged" not in by_folder["ex/8"].reason
+    for folder in ("ex/17", "ex/19"):
+        decision = by_folder[folder]
+        assert not decision.selected
+        assert (
+            "another acquisition (TE 72 ms, TR 3600 ms vs primary ex/8 TE 63 ms, TR 2700 ms): "
+            "not mixed into the primary's fit"
+        ) in decision.reason
     assert not by_folder["ex/20"].selected and "not on the grid" in by_folder["ex/20"].reason
+
+
+def test_repeated_b_value_within_one_acquisition_is_averaged() -> None:
+    grid = {"spacing": (2.0, 2.0), "matrix": (128, 84)}
+    multi = make_series(number=8, b_values=(0, 100, 400, 800), **grid, **EPI)
+    # the same acquisition, times as rounded by another software version (within 0.5 ms)
+    repeat = make_series(
+        number=9,
+        b_values=(100, 1400),
+        **grid,
+        **{**EPI, "EchoTime": 63.2, "RepetitionTime": 2700.4},
+    )
+    selection = select_series({"ex/9": repeat, "ex/8": multi})
+    assert selection.dwi == ("ex/8", "ex/9")
+    by_folder = {d.folder: d for d in selection.decisions}
+    assert "b100 also in ex/9: averaged" in by_folder["ex/8"].reason
+    assert "b100 also in ex/8: averaged" in by_folder["ex/9"].reason
+    assert "merged with primary DWI ex/8 (same grid, same acquisition" in by_folder["ex/9"].reason
+
+
+@pytest.mark.parametrize(
+    ("primary", "other", "merged"),
+    [
+        ({}, {"EchoTime": 63.6}, False),  # beyond the 0.5 ms tolerance
+        ({}, {"RepetitionTime": 2701.0}, False),
+        ({}, {"EchoTime": None}, False),  # missing on one side only: not the same
+        ({"EchoTime": None}, {}, False),
+        (
+            {"EchoTime": None, "RepetitionTime": None},
+            {"EchoTime": None, "RepetitionTime": None},
+            True,
+        ),
+    ],
+)
+def test_same_acquisition_tolerance_and_missing_times(
+    primary: dict, other: dict, merged: bool
+) -> None:
+    grid = {"spacing": (2.0, 2.0), "matrix": (128, 84)}
+
+    def series(number: int, b_values: tuple[float, ...], changes: dict) -> list:
+        attributes = {k: v for k, v in {**EPI, **changes}.items() if v is not None}
+        return make_series(number=number, b_values=b_values, **grid, **attributes)
+
+    exam = {"ex/8": series(8, (0, 400, 800), primary), "ex/9": series(9, (1400,), other)}
+    selection = select_series(exam)
+    assert selection.dwi == (("ex/8", "ex/9") if merged else ("ex/8",))
+    decision = next(d for d in selection.decisions if d.folder == "ex/9")
+    assert decision.selected == merged
+    if not merged:
+        assert "another acquisition" in decision.reason and "TE " in decision.reason
 
 
 def test_adc_preference_same_acquisition_as_primary_dwi() -> None:

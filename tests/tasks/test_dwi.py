@@ -180,51 +180,80 @@ def _crlb_median_abs_rel(case: dict, b_values: tuple[float, ...]) -> float:
     return float(np.median(np.abs(draws), axis=1).mean())
 
 
+WLLS = DwiFitParams(estimator="wlls")
+
+
+def _median_signed_rel(value: np.ndarray, truth: np.ndarray, where: np.ndarray) -> float:
+    return float(np.median((value[where] - truth[where]) / truth[where]))
+
+
 def test_adc_accuracy_on_synthetic_exams(synthetic: dict) -> None:
+    """Precision on mono-exponential exams with Rician noise. ``estimator="wlls"`` is passed
+    explicitly: the efficiency and <= 3 % bounds are properties of the S²-weighted fit, not
+    of the default OLS (chosen to agree with vendor ADC maps; tasks/dwi.py). OLS is as
+    unbiased but less precise; its figures are printed and bounded by the efficiency check."""
     figures = {}
     for index, case in synthetic.items():
-        adc = sitk.GetArrayFromImage(compute_adc(case["images"], params=DEFAULT))
+        adc = sitk.GetArrayFromImage(compute_adc(case["images"], params=WLLS))
         error = _median_abs_rel(adc, case["adc"], case["gland"])
-        bound = _crlb_median_abs_rel(case, select_b_values(case["images"], DEFAULT))
-        ols = sitk.GetArrayFromImage(
-            compute_adc(case["images"], params=DwiFitParams(estimator="ols"))
-        )
+        bound = _crlb_median_abs_rel(case, select_b_values(case["images"], WLLS))
+        ols = sitk.GetArrayFromImage(compute_adc(case["images"], params=DEFAULT))
         ols_error = _median_abs_rel(ols, case["adc"], case["gland"])
-        signed = float(np.median((adc - case["adc"])[case["gland"]] / case["adc"][case["gland"]]))
-        figures[index] = (error, bound, ols_error, signed)
+        signed = _median_signed_rel(adc, case["adc"], case["gland"])
+        ols_signed = _median_signed_rel(ols, case["adc"], case["gland"])
+        figures[index] = (error, bound, ols_error, signed, ols_signed)
         assert error <= 1.10 * bound  # efficient: at the Cramér-Rao precision
         assert abs(signed) <= 0.01  # unbiased despite Rician noise
         assert ols_error > 1.15 * bound  # the efficiency check can fail
-    for index, (error, bound, ols_error, signed) in figures.items():
+        assert abs(ols_signed) <= 0.01  # OLS: unbiased too, only noisier
+    for index, (error, bound, ols_error, signed, ols_signed) in figures.items():
         print(
-            f"exam {index}: median |rel ADC error| {error:.2%} (signed {signed:+.2%}; "
-            f"Cramér-Rao {bound:.2%}; OLS {ols_error:.2%})"
+            f"exam {index}: median |rel ADC error| wlls {error:.2%} (signed {signed:+.2%}; "
+            f"Cramér-Rao {bound:.2%}); default {DEFAULT.estimator} {ols_error:.2%} "
+            f"(signed {ols_signed:+.2%})"
         )
-    assert figures[2][0] <= 0.03  # raw fit, b 0/400/800
+    assert DEFAULT.estimator == "ols"
+    assert figures[2][0] <= 0.03  # raw wlls fit, b 0/400/800
 
 
 def test_adc_after_susan_within_3_percent(synthetic: dict) -> None:
+    """wlls explicitly: on this exam (b1400 near the noise floor) only the S²-weighted fit
+    stays within 3 % after SUSAN; the default OLS's figure is printed (about 4.6 %)."""
     case = synthetic[0]  # the noisiest: sigma 16 and a b1400 near the noise floor
     smoothed = denoise_dwi(case["images"], params=SusanParams(backend="native"))
-    adc = compute_adc(smoothed, params=DEFAULT)
+    adc = compute_adc(smoothed, params=WLLS)
     assert adc.GetPixelID() == sitk.sitkFloat32
     assert adc.GetOrigin() == case["images"][50.0].GetOrigin()
     values = sitk.GetArrayFromImage(adc)
     error = _median_abs_rel(values, case["adc"], case["gland"])
-    print(f"exam 0 after SUSAN (fwhm 4 mm): median |rel ADC error| {error:.2%}")
+    ols = sitk.GetArrayFromImage(compute_adc(smoothed, params=DEFAULT))
+    ols_error = _median_abs_rel(ols, case["adc"], case["gland"])
+    ols_signed = _median_signed_rel(ols, case["adc"], case["gland"])
+    print(
+        f"exam 0 after SUSAN (fwhm 4 mm): median |rel ADC error| wlls {error:.2%}, "
+        f"default {DEFAULT.estimator} {ols_error:.2%} (signed {ols_signed:+.2%})"
+    )
     assert error <= 0.03
+    assert abs(ols_signed) <= 0.01
     assert 5e-4 < float(np.median(values[case["gland"]])) < 3e-3  # stored in mm²/s
 
 
 def test_ours_not_worse_than_through_origin(synthetic: dict) -> None:
+    """wlls explicitly: the weighted fit is never less precise than the through-origin
+    formula; OLS is not (exam 0, with b1400 near the noise floor: printed)."""
     for index, case in synthetic.items():
         b_values = sorted(case["images"])
         stack = np.stack([sitk.GetArrayFromImage(case["images"][b]) for b in b_values])
         origin = np.clip(through_origin_adc(stack, b_values), *DEFAULT.adc_range_mm2_s)
-        ours = sitk.GetArrayFromImage(compute_adc(case["images"], params=DEFAULT))
+        ours = sitk.GetArrayFromImage(compute_adc(case["images"], params=WLLS))
+        ols = sitk.GetArrayFromImage(compute_adc(case["images"], params=DEFAULT))
         e_ours = _median_abs_rel(ours, case["adc"], case["gland"])
+        e_ols = _median_abs_rel(ols, case["adc"], case["gland"])
         e_origin = _median_abs_rel(origin, case["adc"], case["gland"])
-        print(f"exam {index}: ours {e_ours:.2%} vs through-origin {e_origin:.2%}")
+        print(
+            f"exam {index}: wlls {e_ours:.2%}, default {DEFAULT.estimator} {e_ols:.2%} vs "
+            f"through-origin {e_origin:.2%}"
+        )
         assert e_ours <= e_origin
 
 
@@ -258,7 +287,48 @@ def test_b1000_acquired_is_kept(synthetic: dict) -> None:
     assert fit_error < kept_error
 
 
-# ------------------------------------------------------------------ real data: ProstateX-0000
+# ------------------------------------------------------------------ real data: ProstateX
+
+X0000 = DATA / "dicom" / "ProstateX-0000" / "07-07-2011"
+X0218 = DATA / "dicom" / "ProstateX-0218" / "02-18-2011"
+GLAND_0000 = DATA / "labels" / "ProstateX-0000" / "gland_Bosma22b.nii.gz"
+
+
+def _folder(exam: Path, prefix: str) -> Path:
+    (folder,) = [p for p in exam.iterdir() if p.name.startswith(prefix)]
+    return folder
+
+
+def _real_dwi(exam: Path, *prefixes: str) -> dict[float, sitk.Image]:
+    """b -> volume of the given series (primary first) built as ingest builds them."""
+    pairs = []
+    for prefix in prefixes:
+        folder = _folder(exam, prefix)
+        pairs.append((folder.name, read_headers(sorted(folder.iterdir()))))
+    return {v.b_value: v.image for v in build_dwi_volumes(pairs)}
+
+
+def _scanner_adc(exam: Path, prefix: str) -> np.ndarray:
+    """The scanner's ADC map in mm²/s, (z, y, x) on the DWI grid."""
+    folder = _folder(exam, prefix)
+    image = build_volume(read_headers(sorted(folder.iterdir())), label=folder.name).image
+    scale, _ = adc_scale(image)
+    return sitk.GetArrayFromImage(image).astype(np.float64) * scale
+
+
+def _central_box(shape: tuple[int, ...]) -> np.ndarray:
+    nz, ny, nx = shape
+    region = np.zeros(shape, bool)
+    region[nz // 4 : nz - nz // 4, ny // 4 : ny - ny // 4, nx // 4 : nx - nx // 4] = True
+    return region
+
+
+def _median_rel_to_scanner(
+    images: dict[float, sitk.Image], scanner: np.ndarray, region: np.ndarray, params: DwiFitParams
+) -> float:
+    adc = sitk.GetArrayFromImage(compute_adc(images, params=params)).astype(np.float64)
+    where = region & (scanner > 0)  # the scanner zeroes voxels it judged to be noise
+    return float(np.median((adc[where] - scanner[where]) / scanner[where]))
 
 
 @pytest.mark.realdata
@@ -270,30 +340,19 @@ def test_prostatex_0000_adc_against_scanner() -> None:
     difference comes from how b-values are weighted where decay is not mono-exponential.
     Any positively weighted least-squares slope lies, voxel by voxel, between the steepest
     and the shallowest two-point slope, so the median relative difference must lie between
-    the medians of those two envelopes (computed here), and OLS, the vendors' convention,
-    must agree within 5 %.
+    the medians of those two envelopes (computed here) for every estimator, and the default
+    (OLS, the vendors' convention) must agree within 5 %.
     """
-    exam = DATA / "dicom" / "ProstateX-0000" / "07-07-2011"
-    dwi_folder = exam / "6.000000-ep2ddifftraDYNDIST-69284"
-    adc_folder = exam / "7.000000-ep2ddifftraDYNDISTADC-48780"
-    volumes = build_dwi_volumes([(dwi_folder.name, read_headers(sorted(dwi_folder.iterdir())))])
-    images = {v.b_value: v.image for v in volumes}
+    images = _real_dwi(X0000, "6.")
     assert sorted(images) == [50.0, 400.0, 800.0]
-    scanner_image = build_volume(read_headers(sorted(adc_folder.iterdir())), label="adc").image
-    scale, _ = adc_scale(scanner_image)
-    scanner = sitk.GetArrayFromImage(scanner_image).astype(np.float64) * scale
-    nz, ny, nx = scanner.shape
-    region = np.zeros(scanner.shape, bool)
-    region[nz // 4 : nz - nz // 4, ny // 4 : ny - ny // 4, nx // 4 : nx - nx // 4] = True
-    region &= scanner > 0  # the scanner zeroes voxels it judged to be noise
+    scanner = _scanner_adc(X0000, "7.")
+    region = _central_box(scanner.shape) & (scanner > 0)
 
     def median_rel(adc: np.ndarray) -> float:
         return float(np.median((adc[region] - scanner[region]) / scanner[region]))
 
-    ours = median_rel(sitk.GetArrayFromImage(compute_adc(images, params=DEFAULT)))
-    ols = median_rel(
-        sitk.GetArrayFromImage(compute_adc(images, params=DwiFitParams(estimator="ols")))
-    )
+    ours = _median_rel_to_scanner(images, scanner, region, DEFAULT)
+    wlls = _median_rel_to_scanner(images, scanner, region, DwiFitParams(estimator="wlls"))
     logs = {
         b: np.log(np.maximum(sitk.GetArrayFromImage(img).astype(np.float64), 1.0))
         for b, img in images.items()
@@ -301,9 +360,62 @@ def test_prostatex_0000_adc_against_scanner() -> None:
     pairs = [(logs[lo] - logs[hi]) / (hi - lo) for lo, hi in ((50, 400), (50, 800), (400, 800))]
     low, high = median_rel(np.min(pairs, axis=0)), median_rel(np.max(pairs, axis=0))
     print(
-        f"ProstateX-0000 ADC vs scanner over {region.sum()} voxels: median relative "
-        f"difference {ours:+.2%} (default wlls), {ols:+.2%} (ols); two-point envelope "
-        f"[{low:+.2%}, {high:+.2%}]"
+        f"ProstateX-0000 ADC vs scanner over {region.sum()} central voxels: median relative "
+        f"difference {ours:+.2%} (default {DEFAULT.estimator}), {wlls:+.2%} (wlls); "
+        f"two-point envelope [{low:+.2%}, {high:+.2%}]"
     )
-    assert low < ours < high
-    assert abs(ols) <= 0.05
+    assert low < ours < high and low < wlls < high
+    assert abs(ours) <= 0.05
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not GLAND_0000.is_file(), reason=f"{GLAND_0000} not found")
+@needs_data
+def test_prostatex_0000_default_adc_in_gland_against_scanner() -> None:
+    """Inside the reference gland (mapped onto the DWI grid through scanner coordinates),
+    the default fit agrees with the scanner's ADC map within 5 % (median signed); the
+    S²-weighted fit does not (benchmarks/results/adc_scanner.md)."""
+    images = _real_dwi(X0000, "6.")
+    scanner = _scanner_adc(X0000, "7.")
+    reference = images[50.0]
+    mask = sitk.Cast(sitk.ReadImage(str(GLAND_0000)) > 0, sitk.sitkFloat32)
+    moved = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+    gland = sitk.GetArrayFromImage(moved) >= 0.5
+    assert 3000 < int((gland & (scanner > 0)).sum()) < 4500  # ~44 mL of 12 mm³ voxels
+    ours = _median_rel_to_scanner(images, scanner, gland, DEFAULT)
+    wlls = _median_rel_to_scanner(images, scanner, gland, DwiFitParams(estimator="wlls"))
+    print(f"ProstateX-0000 gland ADC vs scanner: {ours:+.2%} (default), {wlls:+.2%} (wlls)")
+    assert abs(ours) <= 0.05
+    assert wlls > 0.05
+
+
+@pytest.mark.realdata
+@needs_data
+def test_prostatex_0218_one_acquisition_adc_against_scanner() -> None:
+    """Series 8 alone (b 0/100/400/800, TE 60 ms), as ingest selects it, against its
+    scanner ADC (series 9) in the central box (the gland needs a segmentation model; the
+    benchmark reports it)."""
+    images = _real_dwi(X0218, "8.")
+    assert sorted(images) == [0.0, 100.0, 400.0, 800.0]
+    scanner = _scanner_adc(X0218, "9.")
+    ours = _median_rel_to_scanner(images, scanner, _central_box(scanner.shape), DEFAULT)
+    print(f"ProstateX-0218 (series 8) central-box ADC vs scanner: {ours:+.2%} (default)")
+    assert abs(ours) <= 0.05
+
+
+@pytest.mark.realdata
+@needs_data
+def test_prostatex_0218_mixing_acquisitions_is_wrong() -> None:
+    """Merging the TE 72 ms b100/b500/b1400 series (17-19) into series 8 (TE 60 ms), as
+    ingest did before one acquisition per fit, fits one S0 across two echo times: the ADC
+    falls far below the scanner's, whichever estimator is used."""
+    merged = _real_dwi(X0218, "8.", "17.", "18.", "19.")
+    assert sorted(merged) == [0.0, 100.0, 400.0, 500.0, 800.0, 1400.0]
+    scanner = _scanner_adc(X0218, "9.")
+    region = _central_box(scanner.shape)
+    figures = {
+        name: _median_rel_to_scanner(merged, scanner, region, DwiFitParams(estimator=name))
+        for name in ("ols", "wlls")
+    }
+    print(f"ProstateX-0218 merged series 8+17+18+19 vs scanner: {figures}")
+    assert all(value < -0.05 for value in figures.values())

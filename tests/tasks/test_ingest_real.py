@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from pydicom.uid import generate_uid
 
 from tasks.discover import discover_exams
 from tasks.ingest import IngestResult, ingest_exam
@@ -83,39 +84,73 @@ def test_prostatex_0000(ingested: dict) -> None:
     assert "coronal" in rejected["5.000000-t2tsecor-03471"]
 
 
-def test_prostatex_0218_merges_and_averages(ingested: dict) -> None:
+def test_prostatex_0218_one_acquisition(ingested: dict) -> None:
+    """Series 8 (b 0/100/400/800, TE 60 ms) is fitted alone: the separate b100/b500/b1400
+    series (TE 72 ms, TR 3600 ms) are another acquisition and are not mixed in."""
     result, _, _ = ingested[X0218]
     assert result.status == "ok", result.error
     (t2,) = _by(result, "t2w")
     assert t2.source.endswith("5.000000-t2tsetra320p2-09906")
-    dwi = {s.b_value: s for s in _by(result, "dwi")}
-    assert sorted(dwi) == [0, 100, 400, 500, 800, 1400]
-    assert all(s.shape == (160, 130, 20) for s in dwi.values())
-    b100 = dwi[100]
-    assert [Path(f).name[:2] for f in b100.source_folders] == ["8.", "17"]
-    assert "averaged" in b100.reason and len(b100.source_files) == 40
-    assert Path(dwi[500].source).name.startswith("18.") and len(dwi[500].source_files) == 20
-    assert Path(dwi[1400].source).name.startswith("19.")
-    assert Path(dwi[0].source).name.startswith("8.")
+    dwi = _by(result, "dwi")
+    assert [s.b_value for s in dwi] == [0, 100, 400, 800]
+    assert all(s.shape == (160, 130, 20) for s in dwi)
+    for record in dwi:
+        assert [Path(f).name.split("-")[0] for f in record.source_folders] == ["8.000000"]
+        assert len(record.source_files) == 20 and "averaged" not in record.reason
     (calc,) = _by(result, "computed_dwi")
     assert calc.b_value == 1600 and Path(calc.source).name.startswith("10.")
     (adc,) = _by(result, "adc")
-    assert Path(adc.source).name.startswith("9.")
+    assert Path(adc.source).name.startswith("9.")  # the scanner ADC of series 8
     rejected = {Path(r.source).name.split("-")[0]: r.reason for r in result.rejected}
+    primary = next(d for d in dwi).source_folders[0]
+    for number in ("17.000000", "18.000000", "19.000000"):
+        assert (
+            f"another acquisition (TE 72 ms, TR 3600 ms vs primary {primary} TE 60 ms, "
+            f"TR 3300 ms): not mixed into the primary's fit"
+        ) in rejected[number]
     assert "ranks higher" in rejected["21.000000"]  # the high-b ADC of another acquisition
 
 
-def test_averaged_b100_is_the_mean_of_both_series(ingested: dict) -> None:
-    result, out, _ = ingested[X0218]
-    b100 = next(s for s in result.series if s.kind == "dwi" and s.b_value == 100)
+def _copy_series(source: Path, target: Path, number: int | None = None, scale: int = 1) -> None:
+    """Copy a DICOM series; with ``number``, as a new series whose pixels are // ``scale``."""
+    target.mkdir(parents=True)
+    for file in sorted(source.iterdir()):
+        ds = pydicom.dcmread(file)
+        if number is not None:
+            ds.SeriesNumber = number
+            ds.SeriesInstanceUID = generate_uid(entropy_srcs=[ds.SeriesInstanceUID, str(number)])
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[ds.SOPInstanceUID, str(number)])
+            ds.PixelData = (ds.pixel_array // scale).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(target / file.name)
+
+
+def test_repeated_b_value_within_one_acquisition_is_averaged(tmp_path: Path) -> None:
+    """A repeat of series 8 (same TE/TR, pixels halved) is averaged in; series 17 is not."""
+    exam = DATA / "dicom" / X0218
+    study = tmp_path / "data" / "PX" / "study"
+    names = {p.name.split("-")[0]: p for p in exam.iterdir()}
+    for number in ("5.000000", "8.000000", "17.000000"):
+        _copy_series(names[number], study / names[number].name)
+    _copy_series(names["8.000000"], study / "30.000000-repeat", number=30, scale=2)
+    (found,) = discover_exams(tmp_path / "data")
+    result = ingest_exam(found, out_dir=tmp_path / "out", key=KEY)
+    assert result.status == "ok", result.error
+    dwi = {s.b_value: s for s in _by(result, "dwi")}
+    assert sorted(dwi) == [0, 100, 400, 800]
+    b100 = dwi[100]
+    assert [Path(f).name[:3] for f in b100.source_folders] == ["8.0", "30."]
+    assert "averaged" in b100.reason and len(b100.source_files) == 40
+    (rejected,) = result.rejected
+    assert rejected.source.endswith(names["17.000000"].name)
+    assert "another acquisition" in rejected.reason
     stacks = []
-    for folder in b100.source_folders:
-        files = [DATA / "dicom" / f for f, _ in b100.source_files if f.startswith(folder + "/")]
-        files = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SequenceName]
+    for folder in (names["8.000000"], study / "30.000000-repeat"):
+        files = [f for f in sorted(folder.iterdir()) if "b100t" in pydicom.dcmread(f).SequenceName]
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames([str(f) for f in files])
         stacks.append(sitk.GetArrayFromImage(reader.Execute()).astype(np.float32))
-    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / b100.image)))
+    assert len(files) == 20
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / b100.image)))
     assert np.allclose(written, (stacks[0] + stacks[1]) / 2, atol=1e-3)
 
 
