@@ -234,6 +234,9 @@ class StepRun(SQLModel, table=True):
     """Error message (and traceback) when the step failed."""
     error_type: str | None = Field(default=None, max_length=255)
     """Exception class name, e.g. ``InputError``."""
+    details: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    """What the step measured about its own result (JSON), e.g. the registration's
+    accepted stage, similarities and scale factors, or the b-values a fit used."""
 
 
 class Artifact(SQLModel, table=True):

@@ -204,6 +204,7 @@ def record_step_run(
     host: str | None = None,
     error: str | None = None,
     error_type: str | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> StepRun:
     """Add one step run (``duration_s`` computed) and, if completed, its output artifacts.
 
@@ -233,6 +234,7 @@ def record_step_run(
         "software_versions": _json(dict(software_versions), "software_versions"),
         "inputs": _files(inputs, "inputs"),
         "outputs": _files(outputs, "outputs"),
+        "details": None if details is None else _json(dict(details), "details"),
     }
     patient = None if patient_pseudo_id is None else ensure_patient(session, patient_pseudo_id)
     run = StepRun(

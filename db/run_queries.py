@@ -127,7 +127,8 @@ def step_runs(session: Session, *, step_run_ids: Sequence[int] | None = None) ->
         ``step_run_id, patient, step, step_version, status, parameters`` (dict),
         ``software_versions`` (dict), ``inputs, outputs`` (lists of ``{role, path,
         sha256}``), ``cache_key, pipeline_run_id, prefect_flow_run_id,
-        prefect_task_run_id, host, duration_s``.
+        prefect_task_run_id, host, duration_s``, and ``details`` (dict or None: what the
+        step measured about its result, e.g. the registration's accepted stage and scales).
     """
     r = StepRun
     query = _step_query(
@@ -141,6 +142,7 @@ def step_runs(session: Session, *, step_run_ids: Sequence[int] | None = None) ->
         r.prefect_task_run_id,
         r.host,
         r.duration_s,
+        r.details,
     )
     if step_run_ids is not None:
         query = query.where(col(r.id).in_([int(i) for i in step_run_ids]))

@@ -144,7 +144,8 @@ def execute_step(
     Parameters
     ----------
     run
-        Does the work; returns ``(outputs, details)``. Raise :class:`InputError` for bad
+        Does the work; returns ``(outputs, details)``; ``details`` (JSON) is recorded with
+        the step run and returned again on a cache hit. Raise :class:`InputError` for bad
         input (recorded, never retried) and :class:`TransientError` for passing failures.
     on_record
         Called with the session and the new ``StepRun`` id in the same transaction that
@@ -158,9 +159,10 @@ def execute_step(
         with session_scope(engine) as session:
             hit = find_completed_step(session, patient_pseudo_id=patient, step=step, cache_key=key)
             outputs = list(hit.outputs) if hit is not None else None
+            recorded = dict(hit.details or {}) if hit is not None else {}
         if outputs is not None and _intact(outputs):
             refs = tuple(FileRef(o["role"], o["path"], o["sha256"]) for o in outputs)
-            details = cached_details(list(refs)) if cached_details else {}
+            details = cached_details(list(refs)) if cached_details else recorded
             return StepOutcome("cached", refs, key, details)
 
     flow_id, task_id = prefect_ids()
@@ -201,6 +203,7 @@ def execute_step(
             started_at=started,
             ended_at=utcnow(),
             outputs=[ref.as_dict() for ref in produced],
+            details=details or None,
         )
         if on_record is not None:
             on_record(session, row.id)

@@ -52,7 +52,7 @@ def test_models_define_the_expected_tables():
 def test_upgrade_to_head_creates_every_table(db_url):
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0002"
+    assert current_revision(db_url) == head_revision() == "0003"
     assert _tables(db_url) == TABLES | {"alembic_version"}
 
 
