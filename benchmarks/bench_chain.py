@@ -41,16 +41,14 @@ import SimpleITK as sitk
 from flows.resources import apply_thread_limits
 from tasks import synthetic
 from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
+from tasks.chain import fit_maps, register_exam
 from tasks.denoise import SusanParams, T2DenoiseParams, denoise_dwi, denoise_t2
 from tasks.discover import discover_exams
-from tasks.dwi import DwiFitParams, compute_adc, standardize_b1000, through_origin_adc
+from tasks.dwi import DwiFitParams, through_origin_adc
 from tasks.ingest import ingest_exam
 from tasks.io import write_json_atomic, write_text_atomic
 from tasks.register import (
     RegistrationParams,
-    align_dwi_to_t2,
-    motion_correct_dwi,
-    resample_to_reference,
     warm_up,
 )
 
@@ -91,27 +89,16 @@ def run_chain(images: dict[str, Any], threads: int) -> dict[str, Any]:
     n4, registration = N4Params(threads=threads), RegistrationParams(threads=threads)
     steps: dict[str, dict[str, float]] = {}
     dwi = dict(images["dwi"])
-    (b1000, _), steps["standardize_b1000"] = timed(lambda: standardize_b1000(dwi, params=fit))
     acquired = sorted(dwi)
-    dwi_all = dwi | {1000.0: b1000}
     t2, steps["denoise_t2"] = timed(lambda: denoise_t2(images["t2"], params=t2_params))
-    dwi_all, steps["denoise_dwi_susan"] = timed(lambda: denoise_dwi(dwi_all, params=susan))
+    dwi, steps["denoise_dwi_susan"] = timed(lambda: denoise_dwi(dwi, params=susan))
     (t2, _), steps["n4_t2"] = timed(lambda: correct_bias_n4(t2, params=n4))
-    (dwi_all, _), steps["n4_dwi"] = timed(lambda: correct_bias_dwi(dwi_all, params=n4))
-    (moco, _), steps["register_rigid_dwi"] = timed(
-        lambda: motion_correct_dwi(dwi_all, params=registration)
+    (dwi, _), steps["n4_dwi"] = timed(lambda: correct_bias_dwi(dwi, params=n4))
+    registered, steps["register"] = timed(lambda: register_exam(t2, dwi, params=registration))
+    maps, steps["b1000_and_adc_fits"] = timed(
+        lambda: fit_maps(registered, dwi, t2, params=fit, threads=threads)
     )
-    alignment, steps["register_affine_t2_dwi"] = timed(
-        lambda: align_dwi_to_t2(t2, moco[min(moco)], params=registration)
-    )
-    fitted = {b: moco[b] for b in acquired}
-    adc, steps["adc_fit"] = timed(lambda: compute_adc(fitted, params=fit))
-    (b1000_t2, adc_t2), steps["resample_to_t2"] = timed(
-        lambda: [
-            resample_to_reference(img, t2, alignment.transform, threads=threads)
-            for img in (moco[1000.0], adc)
-        ]
-    )
+    b1000_t2, adc_t2 = maps.b1000_t2, maps.adc_t2
     total = {k: round(sum(s[k] for s in steps.values()), 3) for k in ("wall_s", "cpu_s")}
     grid = {"t2w": t2, "dwi_b1000": b1000_t2, "adc": adc_t2}
     return {"steps": steps, "total": total, "fitted_b": acquired, "t2_grid": grid}

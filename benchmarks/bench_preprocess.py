@@ -42,13 +42,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from tasks import synthetic
+from tasks.align import align_dwi_to_t2
 from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
 from tasks.discover import discover_exams
 from tasks.ingest import ingest_exam
 from tasks.io import write_json_atomic, write_text_atomic
 from tasks.register import (
     RegistrationParams,
-    align_dwi_to_t2,
     mask_points_mm,
     motion_correct_dwi,
     parameter_objects_created,

@@ -104,16 +104,11 @@ def ours_exam(exam: dict[str, Any], meter: Meter, work: Path, workers: int) -> d
     from flows.segment import RADIOMICS_IMAGES, segmentation_params
     from flows.settings import SegmentationSettings, StepSettings, ThreadSettings
     from tasks.bias import correct_bias_dwi, correct_bias_n4
+    from tasks.chain import dwi_on_t2, fit_adc, fit_b1000, register_exam
     from tasks.denoise import denoise_dwi, denoise_t2
-    from tasks.dwi import compute_adc, standardize_b1000
     from tasks.measure import extract_radiomics, load_radiomics_settings, mask_volume_ml
     from tasks.qc import qc_figure
-    from tasks.register import (
-        align_dwi_to_t2,
-        motion_correct_dwi,
-        resample_to_reference,
-        transform_to_matrix,
-    )
+    from tasks.register import transform_to_matrix
     from tasks.segment import SegmentationInputs, get_backend
 
     steps = StepSettings()
@@ -126,13 +121,11 @@ def ours_exam(exam: dict[str, Any], meter: Meter, work: Path, workers: int) -> d
 
     images = step("ingest", lambda: ingest(exam, work / "ingest"))
     dwi = images["dwi"]
-    acquired = sorted(dwi)
-    b1000, _ = step("b1000", lambda: standardize_b1000(dwi, params=steps.dwi_fit))
     t2, dwi_all = step(
         "denoise",
         lambda: (
             denoise_t2(images["t2"], params=steps.t2_denoise),
-            denoise_dwi(dwi | {1000.0: b1000}, params=steps.susan),
+            denoise_dwi(dwi, params=steps.susan),
         ),
     )
     (t2_n4, t2_field), (dwi_n4, dwi_field) = step(
@@ -142,23 +135,23 @@ def ours_exam(exam: dict[str, Any], meter: Meter, work: Path, workers: int) -> d
             correct_bias_dwi(dwi_all, params=steps.n4),
         ),
     )
-    reg = steps.registration
+    registered = step("register", lambda: register_exam(t2_n4, dwi_n4, params=steps.registration))
+    transforms, t2_to_dwi = registered.motion, registered.alignment.transform
+    on_t2 = {}
 
-    def register() -> tuple[Any, ...]:
-        moco, transforms = motion_correct_dwi(dwi_n4, params=reg)
-        alignment = align_dwi_to_t2(t2_n4, moco[min(moco)], params=reg)
-        b1000_t2 = resample_to_reference(
-            moco[1000.0], t2_n4, alignment.transform, threads=reg.threads
-        )
-        return moco, transforms, alignment.transform, b1000_t2
+    def b1000() -> sitk.Image:  # the pipeline's b1000 step: on both grids
+        on_t2.update(dwi_on_t2(dwi_n4, transforms, t2_to_dwi, t2_n4))
+        return fit_b1000(registered.moco, on_t2, params=steps.dwi_fit)[1]
 
-    moco, transforms, t2_to_dwi, b1000_t2 = step("register", register)
-
-    def adc() -> tuple[sitk.Image, sitk.Image]:
-        native = compute_adc({b: moco[b] for b in acquired}, params=steps.dwi_fit)
-        return native, resample_to_reference(native, t2_n4, t2_to_dwi)
-
-    adc_native, adc_t2 = step("adc", adc)
+    b1000_t2 = step("b1000", b1000)
+    adc_native, adc_t2 = step(
+        "adc",
+        lambda: fit_adc(
+            registered.moco,
+            dwi_on_t2(dwi_n4, transforms, t2_to_dwi, t2_n4),
+            params=steps.dwi_fit,
+        ),
+    )
     spec = _model_spec(exam)
     backend = get_backend(spec, segmentation_params(SegmentationSettings(), threads))
     inputs = SegmentationInputs(t2w=t2_n4, dwi_b1000=b1000_t2, adc=adc_t2)

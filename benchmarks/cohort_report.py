@@ -12,10 +12,10 @@ from typing import Any
 
 STEPS = (
     "ingest",
-    "b1000",
     "denoise",
     "n4",
     "register",
+    "b1000",
     "adc",
     "segment",
     "volume",

@@ -1,6 +1,6 @@
 """The cohort flow: discover the exams under a root, then fan out the per-exam chain.
 
-discover -> ingest (one task run per exam) -> b1000 -> denoise -> N4 -> register -> ADC ->
+discover -> ingest (one task run per exam) -> denoise -> N4 -> register -> b1000 -> ADC ->
 per model: segment -> radiomics + QC figure. One exam's failure never stops the others:
 its entry in the result says which step failed and why (also in the database).
 """

@@ -15,7 +15,6 @@ from flows.preprocess import (
     ExamImages,
     adc_task,
     denoise_task,
-    dwi_refs,
     n4_task,
     register_task,
     standardize_task,
@@ -49,9 +48,9 @@ def submit_exam(
 ) -> Iterator[None]:
     """Submit the chain of one ingested exam step by step, pausing (``yield``) after each.
 
-    b1000 -> denoising -> N4 -> registration -> ADC, then per model: segmentation, then
+    denoising -> N4 -> registration -> b1000 -> ADC, then per model: segmentation, then
     radiomics and the QC figure. Each step waits for the one it reads from. ``futures``
-    receives, in submission order, ``"b1000"``, ``"denoise"``, ``"n4"``, ``"register"``,
+    receives, in submission order, ``"denoise"``, ``"n4"``, ``"register"``, ``"b1000"``,
     ``"adc"``, ``"segment:<model>"``, ``"radiomics:<model>"`` and ``"qc:<model>"``.
     Driven by :func:`submit_breadth_first`.
     """
@@ -65,10 +64,8 @@ def submit_exam(
     )
     steps = settings.steps
     # In submission order: the first failed one is the step to blame.
-    futures["b1000"] = standardize_task.submit(patient, folder, images, ctx, steps.dwi_fit)
-    yield
     futures["denoise"] = denoise_task.submit(
-        patient, folder, futures["b1000"], ctx, steps.t2_denoise, steps.susan
+        patient, folder, images, ctx, steps.t2_denoise, steps.susan
     )
     yield
     futures["n4"] = n4_task.submit(patient, folder, futures["denoise"], ctx, steps.n4)
@@ -77,8 +74,11 @@ def submit_exam(
         patient, folder, futures["n4"], ctx, steps.registration
     )
     yield
-    acquired = tuple(sorted(dwi_refs(list(images.dwi))))
-    adc = adc_task.submit(patient, folder, futures["register"], acquired, ctx, steps.dwi_fit)
+    futures["b1000"] = standardize_task.submit(
+        patient, folder, futures["register"], ctx, steps.dwi_fit
+    )
+    yield
+    adc = adc_task.submit(patient, folder, futures["b1000"], ctx, steps.dwi_fit)
     futures["adc"] = adc
     yield
     params = segmentation_params(settings.segmentation, ctx.threads)

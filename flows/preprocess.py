@@ -1,21 +1,28 @@
 """Per-exam preprocessing chain as Prefect tasks: one task run per step and exam.
 
-Order (the users' study): b-value standardisation -> denoising -> N4 -> registration ->
-ADC. Each step reads the previous step's files, writes its own atomically and is cached
-and recorded through :func:`flows.steps.execute_step`. File names (BIDS-like entities)::
+Order: denoising -> N4 -> registration (motion correction, checked T2 <-> DWI alignment)
+-> b-value standardisation -> ADC, so that every voxel-wise fit sees aligned b-volumes
+(:mod:`tasks.chain`). Each step reads the previous step's files, writes its own atomically
+and is cached and recorded through :func:`flows.steps.execute_step`. File names (BIDS-like
+entities)::
 
-    <exam>/dwi/<p>_<s>_desc-standardized_b1000_dwi.nii.gz   b1000 (acquired or extrapolated)
     <exam>/anat/<p>_<s>_desc-denoised_T2w.nii.gz            T2 after anisotropic diffusion
     <exam>/dwi/<p>_<s>_b<b>_desc-denoised_dwi.nii.gz        DWI after SUSAN
     <exam>/anat/<p>_<s>_desc-n4_T2w.nii.gz                  T2 after N4 (+ _desc-n4_biasfield)
     <exam>/dwi/<p>_<s>_b<b>_desc-n4_dwi.nii.gz              DWI after N4 (one field for all b)
+    <exam>/dwi/<p>_<s>_b<b>_desc-moco_dwi.nii.gz            DWI on the lowest-b grid
+    <exam>/xfm/..._to-lowb.tfm, ..._from-T2w_to-dwi.tfm     ITK transforms (mm, LPS)
+    <exam>/dwi/<p>_<s>_b1000_desc-standardized_dwi.nii.gz   b1000, lowest-b grid
+    <exam>/dwi/<p>_<s>_space-T2w_b1000_dwi.nii.gz           b1000, T2 grid
+    <exam>/dwi/<p>_<s>_desc-fit_adc.nii.gz                  ADC (mm²/s), lowest-b grid
+    <exam>/dwi/<p>_<s>_space-T2w_desc-fit_adc.nii.gz        ADC (mm²/s), T2 grid
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +33,11 @@ from prefect.cache_policies import NONE
 from flows.resources import apply_thread_limits
 from flows.steps import FileRef, RunContext, execute_step, is_transient
 from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
+from tasks.chain import dwi_on_t2, fit_adc, fit_b1000, register_exam
 from tasks.denoise import SusanParams, T2DenoiseParams, denoise_dwi, denoise_t2
-from tasks.dwi import DwiFitParams, compute_adc, standardize_b1000
+from tasks.dwi import DwiFitParams, select_b_values
 from tasks.io import write_image_atomic
-from tasks.register import (
-    RegistrationParams,
-    align_dwi_to_t2,
-    load_transform,
-    motion_correct_dwi,
-    resample_to_reference,
-    save_transform,
-)
+from tasks.register import RegistrationParams, load_transform, save_transform
 
 B1000 = 1000.0
 _DWI_ROLE = re.compile(r"^dwi_b(?P<b>\d+(?:p\d+)?)(?:_|$)")
@@ -92,38 +93,6 @@ def _run(
         ctx, patient=patient, step=step, version=version, inputs=inputs, parameters=params, run=work
     )
     return list(outcome.outputs)
-
-
-@task(
-    name="standardize-b1000",
-    task_run_name="b1000-{patient}",
-    cache_policy=NONE,
-    retries=1,
-    retry_condition_fn=is_transient,
-)
-def standardize_task(
-    patient: str, exam_dir: Path, images: ExamImages, ctx: RunContext, params: DwiFitParams
-) -> ExamImages:
-    """Add the b1000 volume (acquired or mono-exponentially extrapolated) to the DWI set."""
-    refs = dwi_refs(list(images.dwi))
-
-    def work() -> tuple[list[FileRef], dict[str, Any]]:
-        image, info = standardize_b1000({b: _read(r.path) for b, r in refs.items()}, params=params)
-        path = derivative_path(exam_dir, datatype="dwi", desc="standardized", suffix="dwi", b=B1000)
-        write_image_atomic(image, path)
-        return [FileRef.of("dwi_b1000_standardized", path)], info
-
-    out = _run(
-        ctx,
-        patient,
-        "standardize_b1000",
-        "1",
-        list(images.dwi),
-        params.model_dump(mode="json"),
-        work,
-    )
-    kept = [r for b, r in sorted(refs.items()) if abs(b - B1000) > 1]
-    return ExamImages(images.t2w, tuple(kept + out))
 
 
 @task(
@@ -197,13 +166,24 @@ def n4_task(
 
 @dataclass(frozen=True)
 class RegisteredImages:
-    """After registration: motion-corrected DWI on the lowest-b grid, the T2->DWI map and
-    the b1000 volume resampled onto the T2 grid."""
+    """After registration: the N4-corrected DWI on their own grids, the same motion-corrected
+    onto the lowest-b grid, the per-b motion maps, the T2 -> DWI map; after the b1000 step
+    also the b1000 image on the T2 grid."""
 
     t2w: FileRef
     dwi: tuple[FileRef, ...]
+    moco: tuple[FileRef, ...]
+    motion: tuple[FileRef, ...]
     t2_to_dwi: FileRef
-    dwi_b1000: FileRef
+    dwi_b1000: FileRef | None = None
+
+    def inputs(self) -> list[FileRef]:
+        """Every file the DWI fits read."""
+        return [self.t2w, *self.dwi, *self.moco, *self.motion, self.t2_to_dwi]
+
+
+def _exam_prefix(exam_dir: Path) -> str:
+    return f"{exam_dir.parent.name}_{exam_dir.name}"
 
 
 @task(
@@ -216,43 +196,95 @@ class RegisteredImages:
 def register_task(
     patient: str, exam_dir: Path, images: ExamImages, ctx: RunContext, params: RegistrationParams
 ) -> RegisteredImages:
-    """Elastix: each b rigidly to the lowest b; T2<->DWI affine; b1000 onto the T2 grid."""
+    """Elastix: each b rigidly to the lowest b; the checked T2 <-> DWI alignment.
+
+    The accepted stage, the similarities before and after, the scale factors and the
+    translation are recorded as the step's details (:meth:`tasks.align.Alignment.details`).
+    """
     t2w, refs = images.t2w, dwi_refs(list(images.dwi))
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         volumes = {b: _read(r.path) for b, r in refs.items()}
-        corrected, transforms = motion_correct_dwi(volumes, params=params)
+        registered = register_exam(_read(t2w.path), volumes, params=params)
         outputs = []
-        for b, image in sorted(corrected.items()):
+        for b, image in sorted(registered.moco.items()):
             path = derivative_path(exam_dir, datatype="dwi", desc="moco", suffix="dwi", b=b)
             write_image_atomic(image, path)
             outputs.append(FileRef.of(f"dwi_b{b_label(b)}_moco", path))
             tfm = exam_dir / "xfm" / f"{path.name.removesuffix('.nii.gz')}_to-lowb.tfm"
-            save_transform(transforms[b], tfm)
+            save_transform(registered.motion[b], tfm)
             outputs.append(FileRef.of(f"xfm_b{b_label(b)}_to_lowb", tfm))
-        t2 = _read(t2w.path)
-        alignment = align_dwi_to_t2(t2, corrected[min(corrected)], params=params)
-        tfm = exam_dir / "xfm" / f"{exam_dir.parent.name}_{exam_dir.name}_from-T2w_to-dwi.tfm"
-        save_transform(alignment.transform, tfm)
+        tfm = exam_dir / "xfm" / f"{_exam_prefix(exam_dir)}_from-T2w_to-dwi.tfm"
+        save_transform(registered.alignment.transform, tfm)
         outputs.append(FileRef.of("xfm_t2_to_dwi", tfm))
-        b1000 = resample_to_reference(
-            corrected[B1000], t2, alignment.transform, threads=params.threads
-        )
-        prefix = f"{exam_dir.parent.name}_{exam_dir.name}"
-        path = exam_dir / "dwi" / f"{prefix}_space-T2w_b1000_dwi.nii.gz"
-        write_image_atomic(b1000, path)
-        outputs.append(FileRef.of("dwi_b1000", path))
-        return outputs, {}
+        return outputs, registered.alignment.details()
 
     out = _run(
-        ctx, patient, "register", "1", [t2w, *images.dwi], params.model_dump(mode="json"), work
+        ctx, patient, "register", "2", [t2w, *images.dwi], params.model_dump(mode="json"), work
     )
     return RegisteredImages(
         t2w=t2w,
-        dwi=tuple(r for r in dwi_refs(out).values() if r.role.endswith("_moco")),
+        dwi=tuple(images.dwi),
+        moco=tuple(r for r in dwi_refs(out).values() if r.role.endswith("_moco")),
+        motion=tuple(r for r in out if r.role.startswith("xfm_b")),
         t2_to_dwi=next(r for r in out if r.role == "xfm_t2_to_dwi"),
-        dwi_b1000=next(r for r in out if r.role == "dwi_b1000"),
     )
+
+
+_XFM_ROLE = re.compile(r"^xfm_b(?P<b>\d+(?:p\d+)?)_to_lowb$")
+
+
+def _load_registered(
+    images: RegisteredImages, threads: int
+) -> tuple[dict[float, sitk.Image], dict[float, sitk.Image], sitk.Image]:
+    """(motion-corrected volumes, the volumes on the T2 grid, the T2) of one exam."""
+    moco = {b: _read(r.path) for b, r in dwi_refs(list(images.moco)).items()}
+    motion = {}
+    for ref in images.motion:
+        match = _XFM_ROLE.match(ref.role)
+        if match:
+            motion[float(match["b"].replace("p", "."))] = load_transform(ref.path)
+    native = {b: _read(r.path) for b, r in dwi_refs(list(images.dwi)).items()}
+    t2 = _read(images.t2w.path)
+    t2_to_dwi = load_transform(images.t2_to_dwi.path)
+    return moco, dwi_on_t2(native, motion, t2_to_dwi, t2, threads=threads), t2
+
+
+@task(
+    name="standardize-b1000",
+    task_run_name="b1000-{patient}",
+    cache_policy=NONE,
+    retries=1,
+    retry_condition_fn=is_transient,
+)
+def standardize_task(
+    patient: str, exam_dir: Path, images: RegisteredImages, ctx: RunContext, params: DwiFitParams
+) -> RegisteredImages:
+    """b1000 (acquired, or extrapolated from the motion-corrected b-volumes) on both grids.
+
+    Details recorded: ``method`` (acquired / extrapolated), the b-values fitted.
+    """
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        moco, on_t2, _ = _load_registered(images, ctx.threads)
+        native, t2_grid, info = fit_b1000(moco, on_t2, params=params)
+        path = derivative_path(exam_dir, datatype="dwi", desc="standardized", suffix="dwi", b=B1000)
+        write_image_atomic(native, path)
+        on_t2_path = exam_dir / "dwi" / f"{_exam_prefix(exam_dir)}_space-T2w_b1000_dwi.nii.gz"
+        write_image_atomic(t2_grid, on_t2_path)
+        outputs = [FileRef.of("b1000_native", path), FileRef.of("dwi_b1000", on_t2_path)]
+        return outputs, info
+
+    out = _run(
+        ctx,
+        patient,
+        "standardize_b1000",
+        "2",
+        images.inputs(),
+        params.model_dump(mode="json"),
+        work,
+    )
+    return replace(images, dwi_b1000=next(r for r in out if r.role == "dwi_b1000"))
 
 
 @task(
@@ -263,42 +295,25 @@ def register_task(
     retry_condition_fn=is_transient,
 )
 def adc_task(
-    patient: str,
-    exam_dir: Path,
-    images: RegisteredImages,
-    acquired_b: tuple[float, ...],
-    ctx: RunContext,
-    params: DwiFitParams,
+    patient: str, exam_dir: Path, images: RegisteredImages, ctx: RunContext, params: DwiFitParams
 ) -> dict[str, FileRef]:
-    """ADC (mm²/s, float32) from the co-registered ACQUIRED b-volumes; also on the T2 grid.
+    """ADC (mm²/s, float32) from the co-registered acquired b-volumes, on both grids.
 
-    An extrapolated b1000 is never part of the fit (it is itself a fit of these volumes).
+    Only acquired b-values are fitted (an extrapolated b1000 is itself a fit of them).
     """
-    refs = {
-        b: r
-        for b, r in dwi_refs(list(images.dwi)).items()
-        if any(abs(b - a) <= 1 for a in acquired_b)
-    }
+    if images.dwi_b1000 is None:
+        raise ValueError("adc_task needs the b1000 step's output (run standardize_task first)")
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
-        adc = compute_adc({b: _read(r.path) for b, r in refs.items()}, params=params)
-        prefix = f"{exam_dir.parent.name}_{exam_dir.name}"
-        native = exam_dir / "dwi" / f"{prefix}_desc-fit_adc.nii.gz"
-        write_image_atomic(adc, native)
-        t2 = _read(images.t2w.path)
-        on_t2 = resample_to_reference(adc, t2, load_transform(images.t2_to_dwi.path))
-        t2_grid = exam_dir / "dwi" / f"{prefix}_space-T2w_desc-fit_adc.nii.gz"
-        write_image_atomic(on_t2, t2_grid)
-        return [FileRef.of("adc_native", native), FileRef.of("adc", t2_grid)], {}
+        moco, on_t2, _ = _load_registered(images, ctx.threads)
+        native, t2_grid = fit_adc(moco, on_t2, params=params)
+        prefix = _exam_prefix(exam_dir)
+        native_path = exam_dir / "dwi" / f"{prefix}_desc-fit_adc.nii.gz"
+        write_image_atomic(native, native_path)
+        t2_path = exam_dir / "dwi" / f"{prefix}_space-T2w_desc-fit_adc.nii.gz"
+        write_image_atomic(t2_grid, t2_path)
+        outputs = [FileRef.of("adc_native", native_path), FileRef.of("adc", t2_path)]
+        return outputs, {"fit_b_values": list(select_b_values(sorted(moco), params))}
 
-    inputs = [*refs.values(), images.t2w, images.t2_to_dwi]
-    out = _run(
-        ctx,
-        patient,
-        "adc",
-        "1",
-        inputs,
-        params.model_dump(mode="json") | {"fit_b_values": sorted(refs)},
-        work,
-    )
+    out = _run(ctx, patient, "adc", "2", images.inputs(), params.model_dump(mode="json"), work)
     return {r.role: r for r in out} | {"t2w": images.t2w, "dwi_b1000": images.dwi_b1000}

@@ -52,7 +52,8 @@ class RegistrationParams(BaseModel, frozen=True):
     """elastix settings for the rigid (DWI b -> lowest b) and affine (T2 <-> DWI) steps.
 
     Defaults were chosen by target registration error (TRE) against the synthetic ground
-    truth; the figures are in ``benchmarks/results/preprocess.md``.
+    truth and by the similarity to the identity on real exams; the T2 <-> DWI figures are in
+    ``benchmarks/results/align.md`` (``benchmarks/bench_align.py``).
 
     Attributes
     ----------
@@ -63,29 +64,46 @@ class RegistrationParams(BaseModel, frozen=True):
         Levels of elastix's smoothing pyramid; level ``l`` of ``n`` has schedule factor
         ``2^(n-1-l)`` along axes whose spacing is below 1.4x the finest one, and 1 along
         thick-slice axes (z of a 0.5x0.5x3 mm T2 or a 2x2x3 mm DWI), which are never
-        smoothed (:func:`pyramid_schedule`; lowered the mean affine TRE 1.10 -> 0.85 mm).
+        smoothed (:func:`pyramid_schedule`).
     rigid_iterations, affine_iterations
         Adaptive stochastic gradient descent iterations per level.
     spatial_samples, final_spatial_samples
         Random fixed-image samples per iteration on the coarse levels and on the finest
-        level (more samples there reduced the b1400 rigid TRE from 0.84 to 0.42 mm).
+        level.
     rigid_histogram_bins, affine_histogram_bins
-        Mattes MI histogram bins: 32 within DWI (16 doubled the b1400 TRE of one exam),
-        16 for T2 <-> DWI (better than 32 and 64).
+        Mattes MI histogram bins within the DWI and for T2 <-> DWI.
     affine_direction
         ``"dwi_fixed"`` (default): fixed = DWI reference, moving = T2, result inverted;
-        ``"t2_fixed"``: fixed = T2, moving = DWI reference. Mean TRE over gland points on
-        synthetic exams 0-7 of seed 0 (from 1.4-4.6 mm before): dwi_fixed 0.94 mm (max
-        2.03), t2_fixed 1.83 mm (max 5.52). The error is mostly through-plane (z).
+        ``"t2_fixed"``: fixed = T2, moving = DWI reference (``tests/tasks/test_register.py``
+        compares the two on the phantom).
     initialisation
-        ``"none"`` (identity: both series share the scanner's coordinates; best measured),
+        ``"none"`` (identity: both series share the scanner's coordinates),
         ``"geometry"`` (align image centres) or ``"mass"`` (align intensity centroids).
     affine_stages
-        elastix stages of the T2 <-> DWI step, run in sequence, each starting from the last
-        (rigid then affine halved the TRE of affine alone).
+        elastix stages of the T2 <-> DWI step, run in sequence, each starting from the last;
+        :mod:`tasks.align` judges each stage's result against the identity.
+    affine_in_plane_only
+        The affine stage keeps the matrix entries that involve z (the slice axis of axial
+        series) fixed: with 3 mm slices an unconstrained affine stretched the slice axis by
+        7-10 % on the phantom (true scales within 3 %) and 8 % on ProstateX-0000.
+    affine_matrix_scale
+        elastix optimiser scale of the free matrix entries (translations: 1).
     rigid_fixed_mask
         Restrict the rigid metric to the body of the reference DWI (Otsu foreground), so
         samples are not wasted on background noise.
+    region_radius_mm
+        T2 <-> DWI metric and acceptance region: DWI body within this in-plane radius (mm)
+        of the T2 field of view's centre, inside the T2 slab (:mod:`tasks.align`).
+    region_slab_margin_mm
+        That region leaves out this much (mm) at either end of the T2 slab.
+    max_scale_deviation
+        A T2 <-> DWI stage whose scale factors (singular values) leave ``1 +- this`` is
+        rejected as implausible (series of one exam share the scanner's geometry).
+    min_similarity_gain
+        A stage is accepted only if its normalised mutual information exceeds the
+        identity's by at least this much.
+    similarity_bins
+        Histogram bins of that similarity.
     threads
         Threads for elastix and for SimpleITK resampling (set explicitly per call).
     final_interpolator
@@ -109,6 +127,13 @@ class RegistrationParams(BaseModel, frozen=True):
     initialisation: Literal["none", "geometry", "mass"] = "none"
     affine_stages: tuple[Literal["rigid", "affine"], ...] = Field(("rigid", "affine"), min_length=1)
     rigid_fixed_mask: bool = True
+    affine_in_plane_only: bool = True
+    affine_matrix_scale: float = Field(1e4, gt=0)
+    region_radius_mm: float = Field(50.0, gt=0)
+    region_slab_margin_mm: float = Field(0.0, ge=0)
+    max_scale_deviation: float = Field(0.07, ge=0, lt=1)
+    min_similarity_gain: float = Field(0.0, ge=0)
+    similarity_bins: int = Field(32, ge=8)
     threads: int = Field(1, ge=1)
     final_interpolator: Literal["linear", "bspline", "nearest"] = "linear"
 
@@ -187,8 +212,28 @@ def pyramid_schedule(spacing: tuple[float, ...], levels: int) -> Schedule:
     )
 
 
+# AffineTransform parameters: matrix row-major (a11 ... a33, LPS), then translation (mm).
+# In-plane only: the entries that involve z (the slice axis of axial series) stay fixed.
+_THROUGH_PLANE = (2, 5, 6, 7, 8)
+
+
+def _affine_scales(params: RegistrationParams) -> tuple[str, ...]:
+    """elastix optimiser scales of the affine stage: large = parameter held still."""
+    scales = [params.affine_matrix_scale] * 9 + [1.0] * 3
+    if params.affine_in_plane_only:
+        for index in _THROUGH_PLANE:
+            scales[index] = 1e12
+    return tuple(f"{v:g}" for v in scales)
+
+
 def _parameter_map(
-    kind: Kind, params: RegistrationParams, fixed: Schedule, moving: Schedule, *, first: bool
+    kind: Kind,
+    params: RegistrationParams,
+    fixed: Schedule,
+    moving: Schedule,
+    *,
+    first: bool,
+    stage: str = "rigid",
 ) -> dict[str, str | tuple[str, ...]]:
     rigid = kind == "rigid"
     levels = params.rigid_resolutions if rigid else params.affine_resolutions
@@ -212,6 +257,9 @@ def _parameter_map(
         "ErodeMask": "false",
         "AutomaticTransformInitialization": "false",
     }
+    if stage == "affine" and not rigid:
+        entries["AutomaticScalesEstimation"] = "false"
+        entries["Scales"] = _affine_scales(params)
     if params.initialisation != "none" and not rigid and first:
         entries["AutomaticTransformInitialization"] = "true"
         entries["AutomaticTransformInitializationMethod"] = _INITIALISERS[params.initialisation]
@@ -241,7 +289,9 @@ def parameter_object(
             cached = _itk().ParameterObject.New()
             stages = ["rigid"] if kind == "rigid" else list(params.affine_stages)
             for number, stage in enumerate(stages):
-                entries = _parameter_map(kind, params, fixed, moving, first=number == 0)
+                entries = _parameter_map(
+                    kind, params, fixed, moving, first=number == 0, stage=stage
+                )
                 elastix_map = cached.GetDefaultParameterMap(stage, levels)
                 for name, value in entries.items():
                     elastix_map[name] = value if isinstance(value, tuple) else (value,)
@@ -288,15 +338,14 @@ def _check_3d(image: sitk.Image, what: str) -> None:
         )
 
 
-def _run_elastix(
+def _elastix(
     fixed: sitk.Image,
     moving: sitk.Image,
     kind: Kind,
     params: RegistrationParams,
     fixed_mask: sitk.Image | None,
-) -> Registration:
-    _check_3d(fixed, "fixed image")
-    _check_3d(moving, "moving image")
+) -> tuple[Any, Registration]:
+    """Run elastix; return the finished registration method and its :class:`Registration`."""
     start = time.perf_counter()
     itk = _itk()
     fixed_itk, moving_itk = _to_itk(fixed), _to_itk(moving)
@@ -327,7 +376,19 @@ def _run_elastix(
     elastix_maps = tuple({k: tuple(m[k]) for k in m.keys()} for m in maps)  # noqa: SIM118
     combined = method.GetCombinationTransform()
     transform = _affine(_matrix_of(lambda p: combined.TransformPoint([float(v) for v in p])))
-    return Registration(transform, elastix_maps, time.perf_counter() - start)
+    return method, Registration(transform, elastix_maps, time.perf_counter() - start)
+
+
+def _run_elastix(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    kind: Kind,
+    params: RegistrationParams,
+    fixed_mask: sitk.Image | None,
+) -> Registration:
+    _check_3d(fixed, "fixed image")
+    _check_3d(moving, "moving image")
+    return _elastix(fixed, moving, kind, params, fixed_mask)[1]
 
 
 def register_rigid(
@@ -402,20 +463,48 @@ def motion_correct_dwi(
     return corrected, transforms
 
 
-def align_dwi_to_t2(
-    t2: sitk.Image, dwi_ref: sitk.Image, *, params: RegistrationParams
-) -> Registration:
-    """Affine registration of the reference DWI to the T2W; returns the T2 -> DWI map.
+def elastix_default_affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.AffineTransform:
+    """elastix's default affine parameter map, unmasked, one thread: the baseline a
+    straightforward script gets. Returns the fixed -> moving map (mm)."""
+    itk = _itk()
+    fixed_itk, moving_itk = _to_itk(fixed), _to_itk(moving)
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    method = itk.ElastixRegistrationMethod[type(fixed_itk), type(moving_itk)].New()
+    method.SetFixedImage(fixed_itk)
+    method.SetMovingImage(moving_itk)
+    method.SetParameterObject(parameters)
+    method.SetNumberOfThreads(1)
+    method.SetLogToConsole(False)
+    method.UpdateLargestPossibleRegion()
+    combined = method.GetCombinationTransform()
+    return _affine(_matrix_of(lambda p: combined.TransformPoint([float(v) for v in p])))
 
-    Run as ``params.affine_direction`` says; with ``"dwi_fixed"`` the result is inverted, so
-    the returned transform always maps T2 physical points to DWI physical points and
-    ``resample_to_reference(dwi, t2, transform)`` puts DWI (or ADC) on the T2 grid.
+
+def register_stages(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    params: RegistrationParams,
+    fixed_mask: sitk.Image | None = None,
+) -> tuple[Registration, list[sitk.AffineTransform]]:
+    """Run ``params.affine_stages`` in one elastix call; also return each stage's result.
+
+    The k-th transform of the list is the map after stage k (stages 1..k composed), fixed
+    -> moving points (mm); the last one equals the returned registration's transform.
     """
-    if params.affine_direction == "t2_fixed":
-        return register_affine(t2, dwi_ref, params=params)
-    result = register_affine(dwi_ref, t2, params=params)
-    inverse = sitk.AffineTransform(result.transform.GetInverse())
-    return Registration(inverse, result.elastix_maps, result.seconds)
+    _check_3d(fixed, "fixed image")
+    _check_3d(moving, "moving image")
+    method, result = _elastix(fixed, moving, "affine", params, fixed_mask)
+    cumulative: list[sitk.AffineTransform] = []
+    total = np.eye(4)
+    # itk-elastix lists the stages last first; the combined map is T_last(...T_first(x))
+    for n in reversed(range(method.GetNumberOfTransforms())):
+        stage = method.GetNthTransform(n)
+        own = _matrix_of(lambda p, t=stage: t.TransformPoint([float(v) for v in p]))
+        total = own @ total
+        cumulative.append(_affine(total))
+    return result, cumulative
 
 
 def resample_to_reference(

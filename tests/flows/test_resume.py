@@ -19,7 +19,7 @@ from pathlib import Path
 from tasks.io import sha256_file
 
 PATIENTS = 3
-# synthesize, ingest, b1000, denoise, n4, register, adc, segment, radiomics, qc:
+# synthesize, ingest, denoise, n4, register, b1000, adc, segment, radiomics, qc:
 STEPS_PER_PATIENT = 10
 KILL_AFTER = 8  # completed step runs on record before the kill (well short of 3 x 10)
 
