@@ -2,16 +2,22 @@
 
 Classification (:func:`classify_series`), first rule that applies:
 
-1. *other*: not MR, enhanced multi-frame, no image geometry, mixed orientations within the
-   series, or a localizer (ImageType LOCALIZER, description localizer/scout/survey).
+1. *other*: not MR, multi-frame without per-frame functional groups, Siemens mosaic, no
+   image geometry, mixed orientations within the series, or a localizer (ImageType
+   LOCALIZER, description localizer/scout/survey). Enhanced multi-frame DICOM is read frame
+   by frame (:mod:`tasks.dicom_enhanced`): each frame is one image, like a classic file.
 2. *other*: exponential ADC or FA maps (ImageType EADC / EXP / FA).
 3. *adc*: ImageType contains ADC, or the description names ADC / dADC / apparent diffusion.
    A b-value tag on an ADC series (Siemens stores the highest fitted b there) is ignored.
 4. *computed_dwi*: ImageType or description CALC_BVAL / CALCBVAL / "calculated b", or a
    single-b series whose SequenceName names an acquired range (``ep_b50_800``) and whose b
    lies above it. It must hold exactly one b-value.
-5. *dwi*: ImageType DIFFUSION / TRACEW or a b-value in any file; every file needs a b-value
-   and trace (isotropic) weighting; directional images are refused.
+5. *dwi*: ImageType DIFFUSION / TRACEW or a b-value in any image; every image needs a
+   b-value (s/mm²; below 1 s/mm² counts as b0). Per b-value the scanner's trace (isotropic)
+   images are used and directional images of that b ignored; where a b-value has only
+   directional images, its trace is the geometric mean of the directions
+   (:mod:`tasks.dwi_trace`; at least 3 directions, each with its gradient direction). The
+   reason says how each b-volume is made (``b1000: geometric mean of 6 directions``).
 6. *t2w*: spin echo (ScanningSequence SE, not EP / IR) with EchoTime >= 60 ms; without an
    echo time, a TSE/FSE SequenceName. Anything else is *other* (gradient echo, PD, T1).
 
@@ -50,6 +56,7 @@ from typing import Literal
 import numpy as np
 
 from tasks.dicom_headers import DicomHeader, slice_normal
+from tasks.dwi_trace import TraceProblem, plan_b_volumes
 
 Kind = Literal["t2w", "dwi", "adc", "computed_dwi", "other"]
 
@@ -101,6 +108,13 @@ def _b_list(values: Sequence[float]) -> str:
     return ", ".join(f"{b:g}" for b in values)
 
 
+def _count(headers: Sequence[DicomHeader]) -> str:
+    """``57 files``, or ``21 files, 819 frames`` for enhanced multi-frame DICOM."""
+    files = len({h.path for h in headers})
+    frames = sum(h.frame is not None for h in headers)
+    return f"{files} files, {frames} frames" if frames else f"{files} files"
+
+
 def plane(headers: Sequence[DicomHeader]) -> tuple[str, float]:
     """Return (``axial``/``coronal``/``sagittal``, angle in degrees of the normal to z)."""
     normal = slice_normal(headers[0].orientation)  # type: ignore[arg-type]
@@ -123,8 +137,10 @@ def slice_positions(headers: Sequence[DicomHeader]) -> list[float]:
 def _geometry_problem(headers: Sequence[DicomHeader]) -> str | None:
     if any(h.modality not in ("MR", "") for h in headers):
         return f"modality {headers[0].modality}, not MR"
-    if any(h.number_of_frames > 1 for h in headers):
-        return "enhanced multi-frame DICOM is not supported"
+    if any(h.number_of_frames > 1 and h.frame is None for h in headers):
+        return "multi-frame DICOM without per-frame functional groups is not supported"
+    if any("MOSAIC" in h.image_type for h in headers):
+        return "Siemens mosaic (several slices tiled in one image) is not supported"
     if any(h.orientation is None or h.position is None or not h.pixel_spacing for h in headers):
         return "no image geometry (ImageOrientationPatient/ImagePositionPatient/PixelSpacing)"
     first = np.asarray(headers[0].orientation)
@@ -186,16 +202,16 @@ def _classify(headers: Sequence[DicomHeader]) -> tuple[Kind, str]:
     if image_type & {"DIFFUSION", "TRACEW"} or b_values:
         missing = sum(h.b_value is None for h in headers)
         if missing:
-            return "other", f"diffusion series but {missing} file(s) carry no b-value"
-        directional = [
-            h
-            for h in headers
-            if h.b_value and h.diffusion_directionality not in (None, "ISOTROPIC", "NONE")
-        ]
-        if directional:
-            return "other", "directional diffusion images (not trace-weighted): not supported"
+            return "other", f"diffusion series but {missing} image(s) carry no b-value"
+        try:
+            plans = plan_b_volumes(headers)
+        except TraceProblem as exc:
+            return "other", f"diffusion series, but {exc}"
         sources = sorted({h.b_value_source for h in headers if h.b_value_source})
-        what = f"DWI b = {_b_list(b_values)} (b from {'/'.join(sources)}; {len(headers)} files)"
+        notes = "; ".join(plan.note for plan in plans)
+        what = (
+            f"DWI b = {_b_list(b_values)} (b from {'/'.join(sources)}; {_count(headers)}); {notes}"
+        )
         return _axial("dwi", headers, what)
     sequences = set(first.scanning_sequence)
     if "SE" in sequences and not sequences & {"EP", "IR"}:

@@ -16,6 +16,21 @@ b-value sources, in the order they are tried (the first one present wins):
    "Philips Imaging DD 001" (FL, or its 4 raw bytes);
 3. Siemens ``SequenceName`` ``*ep_b800t`` / ``ep_b0`` / ``*re_b1000t``.
 
+A b-value below ``B0_MAX`` (1 s/mm²) is recorded as 0: Philips numbers its extra b0 images
+0.001, 0.002, ... s/mm² to tell them apart, and at b < 1 s/mm² the signal of free water (ADC
+3e-3 mm²/s) drops by less than 0.3 %, so such an image is a b0 for every fit.
+
+Diffusion gradient direction (unit vector, used only to tell directions apart): standard
+``DiffusionGradientOrientation`` (0018,9089); Siemens (0019,xx0E) "SIEMENS MR HEADER"; GE
+(0019,xxBB/BC/BD) "GEMS_ACQU_01"; Philips (2005,xxB0/B1/B2) "Philips MR Imaging DD 001".
+:func:`diffusion_role` says whether an image is a b0, a trace (isotropic) image or one
+direction of a directional set.
+
+:func:`tasks.dicom_enhanced.read_image_headers` is the reader for ingest: one header per
+*image*, i.e. per file for classic DICOM and per frame for enhanced multi-frame DICOM, and
+none for objects that are not images (presentation states, Philips private series data,
+spectroscopy, raw data), which lie in the series folders of some exports.
+
 A scanner-derived series (ADC, computed high b) can carry a b-value too; deciding what the
 series is belongs to :mod:`tasks.classify`, not here.
 """
@@ -27,6 +42,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -41,6 +57,9 @@ STEP = "ingest"
 SIEMENS_CREATOR = "SIEMENS MR HEADER"
 GE_CREATOR = "GEMS_PARM_01"
 PHILIPS_CREATOR = "Philips Imaging DD 001"
+GE_ACQU_CREATOR = "GEMS_ACQU_01"
+PHILIPS_MR_CREATOR = "Philips MR Imaging DD 001"
+B0_MAX = 1.0  # s/mm²: b-values below this are recorded as 0 (see the module docstring)
 
 _SEQ_B = re.compile(r"(?:ep|re)_b(\d+)t?$", re.IGNORECASE)
 _SEQ_B_RANGE = re.compile(r"(?:ep|re)_b(\d+)_(\d+)", re.IGNORECASE)
@@ -50,8 +69,12 @@ _SEQ_B_RANGE = re.compile(r"(?:ep|re)_b(\d+)_(\d+)", re.IGNORECASE)
 class DicomHeader:
     """What the ingest step needs from one DICOM file (no patient attributes, no dates).
 
-    Lengths are in mm, times in ms, ``position`` is ImagePositionPatient (LPS) and
-    ``orientation`` ImageOrientationPatient (row direction cosines, then column ones).
+    Lengths are in mm, times in ms, b-values in s/mm² (below ``B0_MAX`` recorded as 0),
+    ``position`` is ImagePositionPatient (LPS) and ``orientation`` ImageOrientationPatient
+    (row direction cosines, then column ones). For enhanced multi-frame DICOM there is one
+    header per frame: ``frame`` is its 0-based index in the file's pixel data (``None`` for a
+    single-frame file) and geometry, rescale, b-value and times are that frame's.
+    ``diffusion_direction`` is the diffusion gradient's unit vector where the file gives one.
     """
 
     path: Path
@@ -82,6 +105,13 @@ class DicomHeader:
     sequence_b_range: tuple[int, int] | None
     file_size: int
     pixel_bytes: int | None
+    diffusion_direction: tuple[float, float, float] | None = None
+    frame: int | None = None
+
+    @property
+    def image_name(self) -> str:
+        """File name, plus the frame number (1-based) for a frame of a multi-frame file."""
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame + 1}"
 
 
 def _first(value: object) -> object:
@@ -184,6 +214,44 @@ def extract_b_value(ds: Dataset) -> tuple[float | None, str | None]:
     return None, None
 
 
+def normalise_b(b: float | None) -> float | None:
+    """``b`` in s/mm², with values below ``B0_MAX`` (Philips' 0.001 ... 0.004) set to 0."""
+    if b is None:
+        return None
+    return 0.0 if abs(b) < B0_MAX else float(b)
+
+
+def unit_vector(values: object) -> tuple[float, float, float] | None:
+    """Three numbers as a unit vector; ``None`` if absent, malformed or (near) zero."""
+    numbers = _floats(values, 3)
+    if numbers is None:
+        return None
+    vector = np.asarray(numbers, float)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm < 0.5:  # b0 images store (0, 0, 0)
+        return None
+    return tuple(float(v) for v in vector / norm)  # type: ignore[return-value]
+
+
+def gradient_direction(ds: Dataset) -> tuple[float, float, float] | None:
+    """Diffusion gradient direction from the standard tag, else a vendor's private tags."""
+    if "DiffusionGradientOrientation" in ds:
+        return unit_vector(ds["DiffusionGradientOrientation"].value)
+    value = _private_value(ds, 0x0019, 0x0E, SIEMENS_CREATOR, "SIEMENS")
+    if isinstance(value, (bytes, bytearray)) and len(value) == 24:
+        return unit_vector(struct.unpack("<3d", bytes(value)))
+    if value is not None:
+        return unit_vector(value)
+    for group, elements, creator, vendor in (
+        (0x0019, (0xBB, 0xBC, 0xBD), GE_ACQU_CREATOR, "GE"),
+        (0x2005, (0xB0, 0xB1, 0xB2), PHILIPS_MR_CREATOR, "PHILIPS"),
+    ):
+        parts = [_number(_private_value(ds, group, e, creator, vendor)) for e in elements]
+        if all(p is not None for p in parts):
+            return unit_vector(parts)
+    return None
+
+
 def _directionality(ds: Dataset) -> str | None:
     if "DiffusionDirectionality" in ds:
         return _text(ds["DiffusionDirectionality"].value).upper() or None
@@ -232,6 +300,7 @@ def header_from_dataset(ds: Dataset, path: Path, file_size: int = 0) -> DicomHea
         rows * columns * frames * samples * bits // 8 if rows and columns and bits else None
     )
     spacing = _floats(ds.get("PixelSpacing"), 2)
+    b_value = normalise_b(b_value)
     return DicomHeader(
         path=path,
         study_uid=_text(ds.get("StudyInstanceUID")),
@@ -261,7 +330,34 @@ def header_from_dataset(ds: Dataset, path: Path, file_size: int = 0) -> DicomHea
         sequence_b_range=(int(range_match[1]), int(range_match[2])) if range_match else None,
         file_size=file_size,
         pixel_bytes=pixel_bytes,
+        diffusion_direction=gradient_direction(ds),
     )
+
+
+DiffusionRole = Literal["b0", "trace", "directional"]
+_DIRECTIONAL = {"DIRECTIONAL", "BMATRIX"}
+
+
+def diffusion_role(h: DicomHeader) -> DiffusionRole | None:
+    """What a diffusion image is: ``b0``, ``trace`` (isotropic) or ``directional``.
+
+    ``None`` without a b-value. b = 0 (after ``B0_MAX``) is a b0 whatever its direction tags.
+    Trace: ImageType TRACEW / ISOTROPIC or DiffusionDirectionality ISOTROPIC (Siemens
+    (0019,xx0D), Philips (2001,xx04) "I"). Directional: DiffusionDirectionality DIRECTIONAL
+    or BMATRIX (Philips "O"), or, without any directionality tag, a gradient direction
+    (GE stores only that). Any other image with b > 0 counts as trace, as before.
+    """
+    if h.b_value is None:
+        return None
+    if h.b_value == 0:
+        return "b0"
+    if {"TRACEW", "ISOTROPIC"} & set(h.image_type) or h.diffusion_directionality == "ISOTROPIC":
+        return "trace"
+    if h.diffusion_directionality in _DIRECTIONAL:
+        return "directional"
+    if h.diffusion_directionality is None and h.diffusion_direction is not None:
+        return "directional"
+    return "trace"
 
 
 def slice_normal(orientation: tuple[float, ...]) -> np.ndarray:
@@ -271,8 +367,29 @@ def slice_normal(orientation: tuple[float, ...]) -> np.ndarray:
     return normal / np.linalg.norm(normal)
 
 
+def fail(label: str, problem: str) -> InputError:
+    """An ingest :class:`InputError` about the file or series named ``label``."""
+    return InputError(problem, step=STEP, path=label)
+
+
+def read_dataset(path: Path, label: str) -> tuple[Dataset, DicomHeader]:
+    """Read a file's dataset (without pixels) and its file-level header; see read_header."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        header = header_from_dataset(ds, path, path.stat().st_size)
+    except Exception as exc:  # pydicom raises many types for malformed input or values
+        raise fail(label, f"unreadable DICOM header ({type(exc).__name__})") from exc
+    if not header.study_uid or not header.series_uid:
+        # pydicom returns what it could parse of a file cut short inside its header
+        raise fail(
+            label,
+            "unreadable DICOM header (no Study/SeriesInstanceUID: truncated or not an image)",
+        )
+    return ds, header
+
+
 def read_header(path: str | Path, *, label: str | None = None) -> DicomHeader:
-    """Read one file's header (``stop_before_pixels``).
+    """Read one file's header (``stop_before_pixels``): file-level attributes only.
 
     Parameters
     ----------
@@ -288,23 +405,7 @@ def read_header(path: str | Path, *, label: str | None = None) -> DicomHeader:
         The file cannot be parsed as DICOM, or lacks its Study/SeriesInstanceUID.
     """
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        header = header_from_dataset(ds, path, path.stat().st_size)
-    except Exception as exc:  # pydicom raises many types for malformed input or values
-        raise InputError(
-            f"unreadable DICOM header ({type(exc).__name__})",
-            step=STEP,
-            path=label or path.name,
-        ) from exc
-    if not header.study_uid or not header.series_uid:
-        # pydicom returns what it could parse of a file cut short inside its header
-        raise InputError(
-            "unreadable DICOM header (no Study/SeriesInstanceUID: truncated or not an image)",
-            step=STEP,
-            path=label or path.name,
-        )
-    return header
+    return read_dataset(path, label or path.name)[1]
 
 
 def read_headers(paths: Iterable[Path], *, root: Path | None = None) -> list[DicomHeader]:

@@ -4,7 +4,12 @@ Geometry (LPS, mm): slices are sorted along the slice normal n = row x column co
 origin is the first slice's ImagePositionPatient, the direction matrix has columns
 (row cosines, column cosines, n), the in-plane spacing is PixelSpacing (column spacing along
 x, row spacing along y) and the slice spacing is (last - first position along n) / (N - 1).
-Voxel values are ``stored * RescaleSlope + RescaleIntercept`` (per file) as float32.
+Voxel values are ``stored * RescaleSlope + RescaleIntercept`` (per file, or per frame of an
+enhanced multi-frame file: a header with ``frame`` set reads that frame) as float32.
+
+DWI: :func:`build_dwi_volumes` makes each b-volume as :mod:`tasks.dwi_trace` plans it
+(b0 images, the scanner's trace images, or the geometric mean of the directional images);
+the volume's ``note`` says which.
 
 Every check raises :class:`~tasks.errors.InputError` naming the series folder (``label``):
 inconsistent orientation or matrix within a series, slices not stacked along the normal,
@@ -25,6 +30,7 @@ import pydicom
 import SimpleITK as sitk
 
 from tasks.dicom_headers import DicomHeader, slice_normal
+from tasks.dwi_trace import BPlan, TraceProblem, geometric_mean, plan_b_volumes
 from tasks.errors import InputError
 
 STEP = "ingest"
@@ -88,7 +94,7 @@ def stack_geometry(headers: Sequence[DicomHeader], label: str) -> Stack:
         if shift > tol_in_plane:
             raise _fail(
                 label,
-                f"slices not stacked along the slice normal ({h.path.name} shifted "
+                f"slices not stacked along the slice normal ({h.image_name} shifted "
                 f"{shift:.2f} mm in-plane)",
             )
     ordered = sorted(headers, key=lambda h: _projection(h, normal))
@@ -135,27 +141,63 @@ Item = tuple[str, DicomHeader]  # (series folder, file header)
 
 def _group(stack: Stack, items: Sequence[Item]) -> list[list[Item]]:
     slots: list[list[Item]] = [[] for _ in stack.positions]
-    for item in sorted(items, key=lambda item: (item[0], item[1].path.name)):
+    order = sorted(items, key=lambda item: (item[0], item[1].path.name, item[1].frame or 0))
+    for item in order:
         slots[_slot(stack, item[1])].append(item)
     return slots
 
 
-def _read_slice(h: DicomHeader, label: str) -> np.ndarray:
-    try:
-        ds = pydicom.dcmread(h.path)
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for truncated/undecodable data
-        text = str(exc).replace(str(h.path), h.path.name)
-        raise _fail(
-            label, f"unreadable or truncated file {h.path.name}: {type(exc).__name__}: {text}"
-        ) from exc
-    if pixels.shape != (h.rows, h.columns):
-        raise _fail(label, f"file {h.path.name}: pixel array {pixels.shape} is not one slice")
-    return pixels.astype(np.float32) * np.float32(h.rescale_slope) + np.float32(h.rescale_intercept)
+class _Pixels:
+    """Reads stored pixels; a multi-frame file is decoded once and its frames served from it."""
+
+    def __init__(self) -> None:
+        self.frames: dict[Path, np.ndarray] = {}
+
+    def _decode(self, h: DicomHeader, label: str) -> np.ndarray:
+        try:
+            return pydicom.dcmread(h.path).pixel_array
+        except Exception as exc:  # pydicom raises many types for truncated/undecodable data
+            text = str(exc).replace(str(h.path), h.path.name)
+            raise _fail(
+                label, f"unreadable or truncated file {h.path.name}: {type(exc).__name__}: {text}"
+            ) from exc
+
+    def read(self, h: DicomHeader, label: str) -> np.ndarray:
+        """One image as float32 ``stored * slope + intercept`` (its frame if ``h.frame``)."""
+        if h.frame is None:
+            pixels = self._decode(h, label)
+        else:
+            if h.path not in self.frames:
+                self.frames[h.path] = self._decode(h, label)
+            pixels = self.frames[h.path]
+            if pixels.ndim == 3 and h.frame < pixels.shape[0]:
+                pixels = pixels[h.frame]
+            elif not (pixels.ndim == 2 and h.frame == 0):
+                raise _fail(label, f"{h.image_name}: pixel array {pixels.shape} lacks this frame")
+        if pixels.shape != (h.rows, h.columns):
+            raise _fail(label, f"file {h.image_name}: pixel array {pixels.shape} is not one slice")
+        slope, intercept = np.float32(h.rescale_slope), np.float32(h.rescale_intercept)
+        return pixels.astype(np.float32) * slope + intercept
 
 
-def _assemble(stack: Stack, slots: list[list[Item]], label: str) -> sitk.Image:
-    planes = [np.mean([_read_slice(h, where) for where, h in slot], axis=0) for slot in slots]
+def _combine(slot: list[Item], pixels: _Pixels, plan: BPlan | None) -> np.ndarray:
+    """One slice: the mean of its images, or for a directional plan the geometric mean over
+    directions of the per-direction means."""
+    if plan is None or plan.method != "geometric_mean":
+        return np.mean([pixels.read(h, where) for where, h in slot], axis=0)
+    planes = []
+    for group in plan.groups:
+        members = {id(h) for h in group}
+        images = [pixels.read(h, where) for where, h in slot if id(h) in members]
+        planes.append(np.mean(images, axis=0, dtype=np.float64))
+    return geometric_mean(planes)
+
+
+def _assemble(
+    stack: Stack, slots: list[list[Item]], label: str, plan: BPlan | None = None
+) -> sitk.Image:
+    pixels = _Pixels()
+    planes = [_combine(slot, pixels, plan) for slot in slots]
     array = np.stack(planes).astype(np.float32)
     bad = int(np.count_nonzero(~np.isfinite(array)))
     if bad:
@@ -195,33 +237,33 @@ def build_volume(
     image = _assemble(stack, slots, label)
     b_values = {h.b_value for h in headers}
     b_value = b_values.pop() if len(b_values) == 1 else None
-    files = tuple(h.path for h in headers)
+    files = tuple(dict.fromkeys(h.path for h in headers))
     return Volume(image, files, (label,), b_value, repeats, f"{len(stack.positions)} slices")
-
-
-def _b_key(b: float) -> float:
-    return round(b, 1)
 
 
 def build_dwi_volumes(
     series: Sequence[tuple[str, Sequence[DicomHeader]]], *, min_b_values: int = 2
 ) -> list[Volume]:
-    """Build one volume per b-value from one or more DWI series on one grid.
+    """Build one volume per b-value (s/mm²) from one or more DWI series on one grid.
 
     Parameters
     ----------
     series
-        ``(folder, headers)`` pairs, the primary series first. Files are split by b-value;
-        every b-value of a series must cover all of that series' slice positions; all
-        series must share the primary's slice positions. Images of the same b-value and
-        position (repeats within a series or the same b in several series) are averaged.
+        ``(folder, headers)`` pairs, the primary series first; a header is one image (a file,
+        or a frame of an enhanced file). All series must share the primary's slice positions.
+        Images are planned per b-value over all series (:func:`tasks.dwi_trace.plan_b_volumes`:
+        b0, scanner trace, or geometric mean of directions); within a series, the images used
+        for a b-value (for each direction, where directional) must cover all slice
+        positions. Images of the same b-value (and direction) at one position, repeats within
+        a series or the same b in several series, are averaged.
     min_b_values
         Fewest distinct b-values accepted.
 
     Returns
     -------
     list of Volume
-        Ascending b; ``repeats`` is the number of images averaged per slice.
+        Ascending b; ``repeats`` is the number of images averaged per slice (per direction
+        for a geometric mean); ``note`` says how the volume was made.
     """
     if not series:
         raise InputError("no DWI series", step=STEP)
@@ -230,7 +272,8 @@ def build_dwi_volumes(
             raise _fail(label, "DWI file(s) without a b-value")
     primary_label, primary_headers = series[0]
     primary = stack_geometry(primary_headers, primary_label)
-    by_b: dict[float, list[tuple[str, DicomHeader]]] = {}
+    stacks: dict[str, Stack] = {}
+    owner: dict[int, str] = {}
     for label, headers in series:
         stack = stack_geometry(headers, label)
         if len(stack.positions) != len(primary.positions) or not np.allclose(
@@ -241,34 +284,53 @@ def build_dwi_volumes(
                 f"slice positions ({len(stack.positions)}) differ from the primary DWI "
                 f"series {primary_label} ({len(primary.positions)})",
             )
-        for b in sorted({_b_key(h.b_value) for h in headers}):  # type: ignore[arg-type]
-            subset = [h for h in headers if _b_key(h.b_value) == b]  # type: ignore[arg-type]
-            covered = {_slot(stack, h) for h in subset}
-            missing = [p for i, p in enumerate(stack.positions) if i not in covered]
-            if missing:
-                where = ", ".join(f"{p:.2f}" for p in missing[:5])
-                raise _fail(
-                    label,
-                    f"b{b:g} has {len(covered)} of {len(stack.positions)} slice positions "
-                    f"(missing at {where} mm along the normal): missing slice(s)",
-                )
-            by_b.setdefault(b, []).extend((label, h) for h in subset)
-    if len(by_b) < min_b_values:
-        found = ", ".join(f"b{b:g}" for b in sorted(by_b)) or "none"
+        stacks[label] = stack
+        owner.update((id(h), label) for h in headers)
+    try:
+        plans = plan_b_volumes([h for _, headers in series for h in headers])
+    except TraceProblem as exc:
+        raise _fail(primary_label, str(exc)) from exc
+    for plan in plans:
+        for group in plan.groups:
+            for label, stack in stacks.items():
+                subset = [h for h in group if owner[id(h)] == label]
+                covered = {_slot(stack, h) for h in subset}
+                missing = [p for i, p in enumerate(stack.positions) if i not in covered]
+                if subset and missing:
+                    where = ", ".join(f"{p:.2f}" for p in missing[:5])
+                    what = f"b{plan.b:g}" + (
+                        f" direction {subset[0].diffusion_direction}"
+                        if plan.method == "geometric_mean"
+                        else ""
+                    )
+                    raise _fail(
+                        label,
+                        f"{what} has {len(covered)} of {len(stack.positions)} slice positions "
+                        f"(missing at {where} mm along the normal): missing slice(s)",
+                    )
+    if len(plans) < min_b_values:
+        found = ", ".join(f"b{p.b:g}" for p in plans) or "none"
         raise _fail(
-            primary_label, f"DWI has {len(by_b)} distinct b-value(s) ({found}), need {min_b_values}"
+            primary_label,
+            f"DWI has {len(plans)} distinct b-value(s) ({found}), need {min_b_values}",
         )
-    volumes = []
-    for b in sorted(by_b):
-        items = by_b[b]
-        folders = tuple(dict.fromkeys(label for label, _ in items))
-        slots = _group(primary, items)
-        repeats = max(len(s) for s in slots)
-        if min(len(s) for s in slots) != repeats:
-            raise _fail(folders[0], f"b{b:g}: unequal number of repeats across slice positions")
-        image = _assemble(primary, slots, folders[0] if len(folders) == 1 else primary_label)
-        note = f"b{b:g}: {len(primary.positions)} slices"
-        if repeats > 1:
-            note += f", {repeats} images per slice averaged (from {', '.join(folders)})"
-        volumes.append(Volume(image, tuple(h.path for _, h in items), folders, b, repeats, note))
-    return volumes
+    return [_b_volume(plan, owner, primary, primary_label) for plan in plans]
+
+
+def _b_volume(plan: BPlan, owner: dict[int, str], primary: Stack, primary_label: str) -> Volume:
+    items = [(owner[id(h)], h) for h in plan.images]
+    folders = tuple(dict.fromkeys(label for label, _ in items))
+    label = folders[0] if len(folders) == 1 else primary_label
+    repeats = 0
+    for group in plan.groups:
+        slots = _group(primary, [(owner[id(h)], h) for h in group])
+        repeats = max(repeats, max(len(s) for s in slots))
+        if min(len(s) for s in slots) != max(len(s) for s in slots):
+            raise _fail(label, f"b{plan.b:g}: unequal number of repeats across slice positions")
+    image = _assemble(primary, _group(primary, items), label, plan)
+    note = f"{plan.note}; {len(primary.positions)} slices"
+    if repeats > 1:
+        per = " per direction" if plan.method == "geometric_mean" else ""
+        note += f", {repeats} images per slice{per} averaged (from {', '.join(folders)})"
+    files = tuple(dict.fromkeys(h.path for _, h in items))
+    return Volume(image, files, folders, plan.b, repeats, note)

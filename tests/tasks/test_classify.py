@@ -163,9 +163,13 @@ def test_dwi_without_b_value_in_every_file_is_rejected() -> None:
     assert result.kind == "other" and "carry no b-value" in result.reason
 
 
-def test_directional_diffusion_is_rejected() -> None:
-    files = make_series(number=6, b_values=(1000,), DiffusionDirectionality="DIRECTIONAL", **EPI)
-    assert "directional" in classify_series("dwi", files).reason
+def test_directional_diffusion_without_gradient_directions_is_rejected() -> None:
+    """Directional images are usable only through their directions (geometric mean)."""
+    epi = {**EPI, "ImageType": ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]}
+    files = make_series(number=6, b_values=(1000,), DiffusionDirectionality="DIRECTIONAL", **epi)
+    result = classify_series("dwi", files)
+    assert result.kind == "other"
+    assert "directional" in result.reason and "without a gradient direction" in result.reason
 
 
 def test_non_axial_dwi_is_rejected() -> None:
