@@ -110,8 +110,9 @@ class Study(SQLModel, table=True):
     patient_id: int = Field(foreign_key="patient.id", ondelete="CASCADE", index=True)
     study_key: str = Field(max_length=64)
     """Pseudonymous hash of the StudyInstanceUID; unique per patient."""
-    source: str
-    """Exam folder, relative to the cohort root."""
+    source: str | None = None
+    """Not stored since migration 0004 (the exam folder often names the patient and the
+    study date); NULL."""
     created_at: datetime = _created_at()
 
 
@@ -139,7 +140,8 @@ class Series(SQLModel, table=True):
     description: str | None = None
     """DICOM SeriesDescription (protocol name), when known."""
     source: str
-    """Series folder or file, relative to the cohort root."""
+    """Series folder relative to the exam folder (PI-CAI: the role's file name, e.g.
+    ``t2w.mha``); never the patient or study folder."""
     n_files: int
     """Number of source files (DICOM slices, or 1 for NIfTI/MHA)."""
     source_sha256: str = _sha256()

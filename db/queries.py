@@ -51,7 +51,6 @@ from db.models import (
     RadiomicsFeature,
     Segmentation,
     StepRun,
-    Study,
 )
 
 Names = str | Sequence[str] | None
@@ -69,20 +68,21 @@ STATUS_ROLES: dict[str, str] = {
 
 
 def patient_status(session: Session) -> list[dict[str, Any]]:
-    """Per patient: source exam folder, each step's latest state and error, output paths.
+    """Per patient: each step's latest state and error, what ingest found, output paths.
 
     Returns
     -------
     list of dict
-        ``{"patient", "source", "steps": {step: {"state", "error", "ended_at"}},
-        "outputs": {role: absolute path}}`` sorted by pseudonymous id. A step's state is
-        that of its newest run (``completed``, ``failed``, ``running``); the outputs are
-        the newest artifact of each role in :data:`STATUS_ROLES`.
+        ``{"patient", "steps": {step: {"state", "error", "ended_at"}}, "found": [...],
+        "outputs": {role: absolute path}}`` sorted by pseudonymous id; ``found`` is the
+        newest ingest run's list of series (``tasks.ingest.FoundSeries``), failed or not.
+        A step's state is that of its newest run (``completed``, ``failed``,
+        ``running``); the outputs are the newest artifact of each role in
+        :data:`STATUS_ROLES`.
     """
     patients = session.exec(select(Patient).order_by(Patient.pseudo_id)).all()
     out = []
     for patient in patients:
-        studies = session.exec(select(Study).where(Study.patient_id == patient.id)).all()
         runs = session.exec(
             select(StepRun).where(StepRun.patient_id == patient.id).order_by(StepRun.id)
         ).all()
@@ -101,8 +101,15 @@ def patient_status(session: Session) -> list[dict[str, Any]]:
         out.append(
             {
                 "patient": patient.pseudo_id,
-                "source": studies[-1].source if studies else None,
                 "steps": steps,
+                "found": next(
+                    (
+                        (run.details or {}).get("found", [])
+                        for run in reversed(runs)
+                        if run.step == "ingest"
+                    ),
+                    [],
+                ),
                 "outputs": {
                     role: newest[stored]
                     for role, stored in STATUS_ROLES.items()

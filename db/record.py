@@ -94,12 +94,11 @@ def ensure_patient(session: Session, pseudo_id: str) -> Patient:
     return _get_or_create(session, Patient, pseudo_id=pseudo_id)
 
 
-def ensure_study(session: Session, *, patient_pseudo_id: str, study_key: str, source: str) -> Study:
-    """Return the patient's study with this key (hash of the StudyInstanceUID), creating it."""
+def ensure_study(session: Session, *, patient_pseudo_id: str, study_key: str) -> Study:
+    """Return the patient's study with this key (keyed hash of the StudyInstanceUID and the
+    exam folder), creating it. No folder name is stored (privacy)."""
     patient = ensure_patient(session, patient_pseudo_id)
-    return _get_or_create(
-        session, Study, patient_id=patient.id, study_key=study_key, defaults={"source": source}
-    )
+    return _get_or_create(session, Study, patient_id=patient.id, study_key=study_key)
 
 
 def record_series(session: Session, *, study_id: int, **columns: Any) -> Series:

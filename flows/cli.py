@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flows.settings import Settings, SettingsError, load_settings
+from flows.settings import KEY_FILE_NAME, Settings, SettingsError, load_settings, pseudonym_key
 
 DESCRIPTION = """\
 Process a cohort of prostate multiparametric MRI exams: ingest DICOM/NIfTI/MHA, standardise
@@ -149,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=1000, help="training cohort seed")
     train.add_argument("--model-dir", metavar="DIR", help="default: models/demo-nnunet")
 
+    pseudonym = commands.add_parser(
+        "pseudonym",
+        help="the pseudonymous ids of exam folders (needs the key; prints, stores nothing)",
+        description="For a person holding the pseudonymisation key: discover the exams under "
+        "ROOT and print each exam folder with its pseudonymous patient and session ids, "
+        "optionally only the exams under the given FOLDERs (relative to ROOT). Nothing "
+        "identifying is stored anywhere; this is the way back from a pseudonym to a folder.",
+    )
+    pseudonym.add_argument("root", help="cohort folder")
+    pseudonym.add_argument("folders", nargs="*", metavar="FOLDER", help="exam or patient folder")
+    pseudonym.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+    pseudonym.add_argument("--json", action="store_true", help="print one JSON object")
+
     status = commands.add_parser(
         "status",
         help="where every patient stands, step by step (from the provenance database)",
@@ -182,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": _evaluate,
         "ingest": _ingest,
         "status": _status,
+        "pseudonym": _pseudonym,
         "features": _features,
         "volumes": _volumes,
         "report": _cohort_report,
@@ -215,6 +229,30 @@ def _train_demo_model(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _pseudonym(args: argparse.Namespace, settings: Settings) -> int:
+    from tasks.discover import discover_exams
+    from tasks.ingest import exam_ids
+
+    key_file = settings.output_root / KEY_FILE_NAME
+    if settings.pseudonym_key is None and not key_file.is_file():
+        print(f"prostate-cohort: no pseudonymisation key at {key_file}", file=sys.stderr)
+        return 2
+    key = pseudonym_key(settings)
+    wanted = [f.strip("/") for f in args.folders]
+    rows = []
+    for exam in discover_exams(Path(args.root)):
+        if wanted and not any(exam.folder == w or exam.folder.startswith(w + "/") for w in wanted):
+            continue
+        patient, session = exam_ids(exam, key)
+        rows.append({"folder": exam.folder, "patient": patient, "session": session})
+    if args.json:
+        print(json.dumps({"exams": rows}, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['patient']}  {row['session']}  {row['folder']}")
+    return 0 if rows else 1
+
+
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     from db.queries import patient_status
     from db.store import current_revision, make_engine, session_scope
@@ -231,7 +269,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     for p in patients:
         failed = [f"{step}: {s['error']}" for step, s in p["steps"].items() if s["error"]]
         done = sum(s["state"] == "completed" for s in p["steps"].values())
-        line = f"  {p['patient']}  {p['source']}: {done}/{len(p['steps'])} steps completed"
+        line = f"  {p['patient']}: {done}/{len(p['steps'])} steps completed"
         print(line + (f"; FAILED {'; '.join(failed)}" if failed else ""))
     print(f"{len(patients)} patients")
     return 0
@@ -508,6 +546,7 @@ def _json_entry(p: dict[str, Any]) -> dict[str, Any]:
         "error": p["error"],
         "series": [{k: s[k] for k in keep if k in s} for s in p["series"]],
         "rejected": p.get("rejected", []),
+        "found": p.get("found", []),
         "step": p.get("step"),
         "outputs": p.get("outputs", {}),
     }

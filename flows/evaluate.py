@@ -4,8 +4,8 @@ A reference folder holds, per exam, either one mask file named after the exam fo
 the original patient id (``DIR/ProstateX-0000.nii.gz``; the reference is named after DIR)
 or a folder of that name with several masks (``DIR/ProstateX-0000/gland_Bosma22b.nii.gz``;
 each file is a reference named after the file). Names are matched to pseudonymous patients
-through the same keyed hash as ingest, or through the exam folder recorded at ingest, so
-no original identifier is stored. A case that cannot be compared (masks on different grids,
+through the same keyed hash as ingest (patient folder or id), so no original identifier is
+stored or needed. A case that cannot be compared (masks on different grids,
 an unreadable file) is reported under ``errors``, naming the reference file, the model and
 the patient; the other cases go on. Every mask counts as "gland" (any non-zero label), so
 zonal masks compare as whole glands.
@@ -26,7 +26,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from sqlmodel import Session, select
 
-from db.models import Patient, Segmentation, Study
+from db.models import Patient, Segmentation
 from db.record import record_evaluation_metrics
 from db.store import session_scope
 from flows.runners import SettingsTaskRunner
@@ -97,14 +97,13 @@ def find_references(folder: Path, pattern: str = "*") -> list[Reference]:
 
 
 def _patient_of(session: Session, exam: str, key: str) -> str | None:
-    """The pseudonymous id for an exam name: keyed hash, else the exam folder at ingest."""
+    """The pseudonymous id for an exam name (the patient folder or id) through the key.
+
+    No folder name is stored, so the key is the only way from a name to a patient.
+    """
     pseudo = pseudonymous_id(exam, key)
     if session.exec(select(Patient).where(Patient.pseudo_id == pseudo)).first():
         return pseudo
-    for study in session.exec(select(Study)).all():
-        parts = Path(study.source).parts
-        if study.source == exam or (parts and parts[0] == exam):
-            return session.get(Patient, study.patient_id).pseudo_id
     return None
 
 

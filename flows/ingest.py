@@ -26,11 +26,18 @@ from flows.settings import IngestSettings, load_settings
 from flows.steps import FileRef, RunContext, execute_step, is_transient
 from tasks.discover import Exam, discover_exams
 from tasks.errors import InputError
-from tasks.ingest import IngestResult, exam_dir, exam_ids, ingest_exam
+from tasks.ingest import (
+    IngestResult,
+    exam_dir,
+    exam_ids,
+    ingest_exam,
+    relative_to_exam,
+    role_file,
+)
 from tasks.io import sha256_file, sha256_files, write_json_atomic
 
 STEP = "ingest"
-STEP_VERSION = "1"
+STEP_VERSION = "2"  # 2: nothing recorded names the exam folder (privacy)
 PATIENTS_DIR = "patients"
 
 
@@ -40,16 +47,23 @@ def patient_id_of(exam: Exam, key: str) -> str:
 
 
 def _source_files(exam: Exam) -> list[FileRef]:
+    """Every input file, recorded by its path relative to the exam folder (``exam/...``;
+    PI-CAI files by role) and its sha256: never the patient or study folder names."""
     root = Path(exam.root)
-    names = [f for series in exam.series for f in series.files]
-    names += [path for _role, path in exam.images]
-    return [FileRef.of("source", root / name) for name in sorted(names)]
+    named = [(f, relative_to_exam(exam, f)) for series in exam.series for f in series.files]
+    named += [(path, role_file(role, path)) for role, path in exam.images]
+    return [
+        FileRef("source", f"exam/{name}", sha256_file(root / rel))
+        for rel, name in sorted(named, key=lambda pair: pair[1])
+    ]
 
 
 def _rejected_files(exam: Exam, folder: str) -> list[Path]:
-    """Source files of a rejected series (hashed so every input series is on record)."""
+    """Source files of a rejected series (``folder`` relative to the exam), to hash."""
     root = Path(exam.root)
-    return [root / f for s in exam.series if s.folder == folder for f in s.files]
+    return [
+        root / f for s in exam.series if relative_to_exam(exam, s.folder) == folder for f in s.files
+    ]
 
 
 def _series_rows(exam: Exam, result: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
@@ -108,7 +122,13 @@ def ingest_one(
             exam, out_dir=out_dir, key=key.get_secret_value(), min_b_values=params.min_b_values
         )
         if result.status != "ok":
-            raise InputError(result.error or "ingest failed", patient=patient, step=STEP)
+            found = result.to_dict()["found"]
+            raise InputError(
+                result.error or "ingest failed",
+                patient=patient,
+                step=STEP,
+                details={"found": found},
+            )
         data = result.to_dict()
         write_json_atomic(sidecar, data)
         outputs = [FileRef.of(ingest_role(s), out_dir / s["image"]) for s in data["series"]]
@@ -116,9 +136,7 @@ def ingest_one(
 
     def on_record(session: Session, _step_run_id: int) -> None:
         data = json.loads(sidecar.read_text())
-        study = ensure_study(
-            session, patient_pseudo_id=patient, study_key=data["session"], source=data["source"]
-        )
+        study = ensure_study(session, patient_pseudo_id=patient, study_key=data["session"])
         for row in _series_rows(exam, data, out_dir):
             record_series(session, study_id=study.id, **row)
 
@@ -133,7 +151,8 @@ def ingest_one(
         on_record=on_record,
         cached_details=lambda refs: json.loads(sidecar.read_text()),
     )
-    return outcome.details | {"cached": outcome.status == "cached"}
+    # ``source`` (the exam folder) is for the terminal only: it is never persisted.
+    return outcome.details | {"source": exam.folder, "cached": outcome.status == "cached"}
 
 
 def ingest_role(series: dict[str, Any]) -> str:
@@ -172,13 +191,15 @@ def ingest_exam_task(
 def error_entry(exam: Exam, patient: str, error: BaseException) -> dict[str, Any]:
     """The per-patient result for an exam whose ingest failed."""
     problem = error.problem if isinstance(error, InputError) else str(error)
+    details = getattr(error, "details", None) or {}
     return {
         "patient": patient,
-        "source": exam.folder,
+        "source": exam.folder,  # for the terminal; never persisted
         "status": "error",
         "error": problem,
         "series": [],
         "rejected": [],
+        "found": details.get("found", []),
     }
 
 

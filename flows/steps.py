@@ -193,6 +193,7 @@ def execute_step(
                 outputs=[],
                 error=str(error),
                 error_type=type(error).__name__,
+                details=getattr(error, "details", None),
             )
         raise
     with session_scope(engine) as session:

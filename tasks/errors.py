@@ -22,16 +22,24 @@ class StepError(Exception):
         step: str | None = None,
         path: str | Path | None = None,
         hint: str | None = None,
+        details: dict | None = None,
     ) -> None:
         self.problem = problem
         self.patient = patient
         self.step = step
         self.path = str(path) if path is not None else None
         self.hint = hint
+        self.details = details  # JSON, recorded with the failed step (e.g. what ingest found)
         super().__init__(self._message())
 
     def __reduce__(self):  # keep the context when pickled (process and Dask workers)
-        kwargs = {"patient": self.patient, "step": self.step, "path": self.path, "hint": self.hint}
+        kwargs = {
+            "patient": self.patient,
+            "step": self.step,
+            "path": self.path,
+            "hint": self.hint,
+            "details": self.details,
+        }
         return (_rebuild, (type(self), self.problem, kwargs))
 
     def _message(self) -> str:

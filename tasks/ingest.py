@@ -14,8 +14,14 @@ converted to mm²/s: vendors store it as integers in 1e-6 mm²/s (Siemens, PI-CA
 
 Exams are all-or-nothing: if any chosen series fails a check, or the exam has no axial T2W or
 no DWI with ``min_b_values`` b-values, nothing is written and the result has status
-``"error"`` with every problem and the series folder it concerns. Only the pseudonymous ids
-and folders relative to the data root appear in results, file names and messages.
+``"error"`` with every problem and the series folder it concerns.
+
+Privacy: patient and study folder names often are the PatientID and the study date, so
+nothing this module records names them. Series are named by their folder *relative to the
+exam folder* (e.g. ``4.000000-t2tsetra-00702``) and PI-CAI files by their role
+(``t2w.mha``); the exam itself only by its pseudonymous ids. ``IngestResult.source`` (the
+exam folder, for the terminal) is left out of :meth:`IngestResult.to_dict`, the form that is
+persisted.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from tasks.classify import Selection, select_series
-from tasks.dicom_headers import DicomHeader, read_header
+from tasks.dicom_enhanced import read_image_headers
+from tasks.dicom_headers import DicomHeader
 from tasks.discover import Exam
 from tasks.errors import InputError
 from tasks.io import sha256_file, sha256_files, write_image_atomic
@@ -46,14 +53,14 @@ class SeriesRecord:
 
     kind: Literal["t2w", "dwi", "adc", "computed_dwi"]
     b_value: float | None
-    source: str  # first source series folder, relative to the data root
+    source: str  # first source series folder, relative to the exam folder
     source_folders: tuple[str, ...]
     shape: tuple[int, int, int]  # x, y, z
     spacing: tuple[float, float, float]  # mm
     origin: tuple[float, float, float]  # LPS mm
     direction: tuple[float, ...]  # 3x3, row-major
     source_sha256: str
-    source_files: tuple[tuple[str, str], ...]  # (path relative to the data root, sha256)
+    source_files: tuple[tuple[str, str], ...]  # (path relative to the exam folder, sha256)
     image: str  # relative to out_dir
     image_sha256: str
     units: str | None
@@ -73,8 +80,24 @@ class RejectedSeries:
 
 
 @dataclass(frozen=True)
+class FoundSeries:
+    """One series found in the exam and what ingest took it for (``ingest --json``).
+
+    ``series``: folder relative to the exam folder (PI-CAI: the role's file name);
+    ``b_values``: the distinct b-values (s/mm²) of a diffusion series, else empty.
+    """
+
+    series: str
+    kind: str
+    b_values: tuple[float, ...]
+    selected: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class IngestResult:
-    """Outcome of :func:`ingest_exam`; ``to_dict()`` gives plain JSON types."""
+    """Outcome of :func:`ingest_exam`; ``to_dict()`` gives plain JSON types without
+    ``source`` (the exam folder, which may name the patient)."""
 
     patient: str
     session: str
@@ -83,9 +106,12 @@ class IngestResult:
     error: str | None
     series: tuple[SeriesRecord, ...]
     rejected: tuple[RejectedSeries, ...]
+    found: tuple[FoundSeries, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        data = _plain(dataclasses.asdict(self))
+        del data["source"]
+        return data
 
 
 def _plain(value: Any) -> Any:
@@ -115,9 +141,19 @@ def adc_scale(image: sitk.Image) -> tuple[float, str]:
 class _Writer:
     """Writes images for one patient and builds their records."""
 
-    def __init__(self, root: Path, out_dir: Path, patient: str, session: str) -> None:
-        self.root, self.out_dir, self.patient, self.session = root, out_dir, patient, session
+    def __init__(self, exam_root: Path, out_dir: Path, patient: str, session: str) -> None:
+        self.root, self.out_dir, self.patient, self.session = exam_root, out_dir, patient, session
         self.records: list[SeriesRecord] = []
+        self.names: dict[Path, str] = {}  # recorded names that are not paths under the exam
+
+    def name(self, path: Path) -> str:
+        """How a source file is recorded: relative to the exam folder, never the root."""
+        if path in self.names:
+            return self.names[path]
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.name
 
     def add(
         self,
@@ -142,7 +178,7 @@ class _Writer:
         }[kind]
         relative = f"{exam_dir(self.patient, self.session)}/{name}"
         digest = write_image_atomic(image, self.out_dir / relative)
-        ordered = sorted(files, key=lambda f: f.relative_to(self.root).as_posix())
+        ordered = sorted(files, key=self.name)
         self.records.append(
             SeriesRecord(
                 kind=kind,
@@ -154,9 +190,7 @@ class _Writer:
                 origin=tuple(image.GetOrigin()),  # type: ignore[arg-type]
                 direction=tuple(image.GetDirection()),
                 source_sha256=sha256_files(ordered),
-                source_files=tuple(
-                    (f.relative_to(self.root).as_posix(), sha256_file(f)) for f in ordered
-                ),
+                source_files=tuple((self.name(f), sha256_file(f)) for f in ordered),
                 image=relative,
                 image_sha256=digest,
                 units=units,
@@ -172,16 +206,19 @@ def _problem(exc: InputError) -> str:
 
 
 def _read_series(exam: Exam) -> tuple[dict[str, list[DicomHeader]], dict[str, list[str]]]:
+    """Image headers per series folder (one per file, or per frame of an enhanced file);
+    objects that are not images (presentation states, ...) are skipped."""
     headers: dict[str, list[DicomHeader]] = {}
     broken: dict[str, list[str]] = {}
     for series in exam.series:
         for rel in series.files:
             try:
-                headers.setdefault(series.folder, []).append(
-                    read_header(exam.root / rel, label=rel)
-                )
+                images = read_image_headers(exam.root / rel, label=rel)
             except InputError:
                 broken.setdefault(series.folder, []).append(Path(rel).name)
+                continue
+            if images:
+                headers.setdefault(series.folder, []).extend(images)
     for rel in exam.unreadable:
         broken.setdefault(Path(rel).parent.as_posix(), []).append(Path(rel).name)
     return headers, broken
@@ -225,9 +262,55 @@ def _build_volumes(
     return pending, errors
 
 
-def _ingest_dicom(exam: Exam, writer: _Writer, min_b_values: int) -> tuple[list[str], list]:
+def relative_to_exam(exam: Exam, rel: str) -> str:
+    """A path relative to the data root, as recorded: relative to the exam folder."""
+    folder = exam.folder.strip("/")
+    if rel == folder:
+        return "."
+    if folder in ("", "."):
+        return rel
+    return rel[len(folder) + 1 :] if rel.startswith(folder + "/") else Path(rel).name
+
+
+def _b_values(headers: list[DicomHeader]) -> tuple[float, ...]:
+    return tuple(sorted({float(h.b_value) for h in headers if h.b_value is not None}))
+
+
+def _found(
+    selection: Selection, headers: dict[str, list[DicomHeader]], broken: dict[str, list[str]]
+) -> list[FoundSeries]:
+    """Every series of the exam with its class, b-values, whether chosen, and why."""
+    found = []
+    for decision in selection.decisions:
+        diffusion = decision.kind in ("dwi", "computed_dwi")
+        b_values = _b_values(headers[decision.folder]) if diffusion else ()
+        found.append(
+            FoundSeries(
+                decision.folder, decision.kind, b_values, decision.selected, decision.reason
+            )
+        )
+    for folder, names in sorted(broken.items()):
+        if folder not in headers:
+            reason = f"unreadable DICOM header in {len(names)} file(s)"
+            found.append(FoundSeries(folder, "other", (), False, reason))
+    return sorted(found, key=lambda f: f.series)
+
+
+def _summary(found: list[FoundSeries]) -> str:
+    """What was found, for an error message: ``3 series: t2w 1, dwi 0, other 2``."""
+    kinds = [f.kind for f in found]
+    counts = ", ".join(f"{k} {kinds.count(k)}" for k in ("t2w", "dwi", "adc", "other"))
+    return f"{len(found)} series found: {counts}"
+
+
+def _ingest_dicom(
+    exam: Exam, writer: _Writer, min_b_values: int
+) -> tuple[list[str], list, list[FoundSeries]]:
     headers, broken = _read_series(exam)
+    headers = {relative_to_exam(exam, f): hs for f, hs in headers.items()}
+    broken = {relative_to_exam(exam, f): names for f, names in broken.items()}
     selection = select_series(headers)
+    found = _found(selection, headers, broken)
     reasons = {d.folder: d.reason for d in selection.decisions}
     rejected = [
         RejectedSeries(d.folder, d.kind, d.reason) for d in selection.decisions if not d.selected
@@ -244,46 +327,50 @@ def _ingest_dicom(exam: Exam, writer: _Writer, min_b_values: int) -> tuple[list[
         if folder not in chosen
     ]
     if selection.t2w is None:
-        errors.append(f"{exam.folder}: no usable axial T2W series (see rejected series)")
+        errors.append(f"no usable axial T2W series ({_summary(found)}; see found)")
     if not selection.dwi:
-        errors.append(f"{exam.folder}: no usable DWI series (see rejected series)")
+        errors.append(f"no usable DWI series ({_summary(found)}; see found)")
     pending, failures = _build_volumes(selection, headers, reasons, min_b_values)
     errors += failures
     if errors:
-        return errors, rejected
+        return errors, rejected, found
     for kind, volume, why, extra in pending:
         image = volume.image
         if extra.get("scale", 1.0) != 1.0:
             image = sitk.Cast(image * extra["scale"], sitk.sitkFloat32)
         b_value = volume.b_value if kind in ("dwi", "computed_dwi") else None
         writer.add(kind, image, volume.files, volume.folders, b_value, why, **extra)
-    return [], rejected
+    return [], rejected, found
 
 
 _IMAGE_KINDS = {"t2w": "t2w", "adc": "adc", "hbv": "computed_dwi"}
 
 
-def _ingest_images(exam: Exam, writer: _Writer) -> tuple[list[str], list]:
-    images, errors, rejected = {}, [], []
+def _ingest_images(exam: Exam, writer: _Writer) -> tuple[list[str], list, list[FoundSeries]]:
+    images, errors, rejected, found = {}, [], [], []
     for role, rel in exam.images:
+        name = role_file(role, rel)  # PI-CAI file names hold the patient and study ids
         if role not in _IMAGE_KINDS:
-            rejected.append(RejectedSeries(rel, "other", f"PI-CAI '{role}' image: not used"))
+            why = f"PI-CAI '{role}' image: not used"
+            rejected.append(RejectedSeries(name, "other", why))
+            found.append(FoundSeries(name, "other", (), False, why))
             continue
         try:
             image = sitk.Cast(sitk.ReadImage(str(exam.root / rel)), sitk.sitkFloat32)
         except RuntimeError:
-            errors.append(f"{rel}: unreadable image file")
+            errors.append(f"{name}: unreadable image file")
             continue
         array = sitk.GetArrayViewFromImage(image)
         if image.GetDimension() != 3 or not np.isfinite(array).all() or not array.any():
-            errors.append(f"{rel}: not a 3D image with finite, non-zero values")
+            errors.append(f"{name}: not a 3D image with finite, non-zero values")
             continue
-        images[role] = (image, rel)
+        images[role] = (image, rel, name)
+        found.append(FoundSeries(name, _IMAGE_KINDS[role], (), True, f"PI-CAI '{role}' image"))
     if not any(role == "t2w" for role, _ in exam.images):
-        errors.append(f"{exam.folder}: no t2w image")
+        errors.append("no t2w image")
     if errors:
-        return errors, rejected
-    for role, (image, rel) in sorted(images.items()):
+        return errors, rejected, found
+    for role, (image, rel, name) in sorted(images.items()):
         extra: dict[str, Any] = {}
         why = f"PI-CAI '{role}' image"
         if role == "adc":
@@ -291,8 +378,16 @@ def _ingest_images(exam: Exam, writer: _Writer) -> tuple[list[str], list]:
             image = sitk.Cast(image * scale, sitk.sitkFloat32)
             extra, why = {"units": ADC_UNITS, "scale": scale}, f"{why}; {how}"
         path = exam.root / rel
-        writer.add(_IMAGE_KINDS[role], image, (path,), (rel,), None, why, **extra)
-    return [], rejected
+        writer.names[path] = name
+        writer.add(_IMAGE_KINDS[role], image, (path,), (name,), None, why, **extra)
+    return [], rejected, found
+
+
+def role_file(role: str, rel: str) -> str:
+    """``<patient>_<study>_t2w.mha`` -> ``t2w.mha``: the role and the file's suffixes."""
+    name = Path(rel).name
+    suffix = name[name.index(".") :] if "." in name else ""
+    return f"{role}{suffix}"
 
 
 def exam_ids(exam: Exam, key: str | bytes) -> tuple[str, str]:
@@ -341,11 +436,11 @@ def ingest_exam(
         Empty ``key`` (a configuration error, not bad data).
     """
     patient, session = exam_ids(exam, key)
-    writer = _Writer(Path(exam.root), Path(out_dir), patient, session)
+    writer = _Writer(Path(exam.root) / exam.folder, Path(out_dir), patient, session)
     if exam.kind == "image":
-        errors, rejected = _ingest_images(exam, writer)
+        errors, rejected, found = _ingest_images(exam, writer)
     else:
-        errors, rejected = _ingest_dicom(exam, writer, min_b_values)
+        errors, rejected, found = _ingest_dicom(exam, writer, min_b_values)
     status: Literal["ok", "error"] = "error" if errors else "ok"
     return IngestResult(
         patient=patient,
@@ -355,4 +450,5 @@ def ingest_exam(
         error="; ".join(errors) if errors else None,
         series=tuple(writer.records),
         rejected=tuple(rejected),
+        found=tuple(found),
     )

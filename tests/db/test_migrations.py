@@ -52,7 +52,7 @@ def test_models_define_the_expected_tables():
 def test_upgrade_to_head_creates_every_table(db_url):
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0003"
+    assert current_revision(db_url) == head_revision() == "0004"
     assert _tables(db_url) == TABLES | {"alembic_version"}
 
 
@@ -109,3 +109,79 @@ def test_failed_migration_leaves_nothing_behind(db_url):
         upgrade(db_url)
     assert current_revision(db_url) is None
     assert _tables(db_url) == {"series"}
+
+
+def test_0004_removes_exam_folder_names(db_url):
+    """Rows written before 0004 named the exam folder (PatientID / study date); after the
+    upgrade no column holds it, and series are named relative to the exam."""
+    from datetime import UTC, datetime
+
+    from db.models import Patient, PipelineRun, Series, StepRun, Study
+    from db.store import session_scope
+
+    folder = "ProstateX-0000/07-07-2011"
+    upgrade(db_url, "0003")
+    engine = make_engine(db_url)
+    now = datetime.now(UTC)
+    with session_scope(engine) as session:
+        patient = Patient(pseudo_id="P000000000001")
+        session.add(patient)
+        session.flush()
+        study = Study(patient_id=patient.id, study_key="S1", source=folder)
+        session.add(study)
+        session.flush()
+        files = [{"name": f"{folder}/4-t2/1.dcm", "sha256": "a" * 64}]
+        session.add(
+            Series(
+                study_id=study.id,
+                kind="t2w",
+                source=f"{folder}/4-t2",
+                n_files=1,
+                source_sha256="b" * 64,
+                source_files=files,
+            )
+        )
+        session.add(
+            Series(
+                study_id=study.id,
+                kind="t2w",
+                source="x/1234_5678_t2w.mha",
+                n_files=1,
+                source_sha256="c" * 64,
+            )
+        )
+        inputs = [{"role": "source", "path": f"/data/{folder}/4-t2/1.dcm", "sha256": "a" * 64}]
+        session.add(
+            StepRun(
+                patient_id=patient.id,
+                step="ingest",
+                step_version="1",
+                status="failed",
+                started_at=now,
+                cache_key="k",
+                inputs=inputs,
+                error=f"{folder}: no usable DWI series",
+                details={"note": "ProstateX-0000 has no DWI"},
+            )
+        )
+        session.add(
+            PipelineRun(
+                command="run /data",
+                started_at=now,
+                summary={"failures": [{"error": f"{folder}: no DWI"}]},
+            )
+        )
+    engine.dispose()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with engine.connect() as connection:
+        dump = " ".join(
+            str(row)
+            for table in ("study", "series", "step_run", "pipeline_run")
+            for row in connection.exec_driver_sql(f"SELECT * FROM {table}").all()
+        )
+        sources = sorted(r[0] for r in connection.exec_driver_sql("SELECT source FROM series"))
+    engine.dispose()
+    assert "ProstateX-0000" not in dump and "07-07-2011" not in dump and "1234" not in dump
+    assert sources == ["4-t2", "t2w.mha"]
+    assert "exam/4-t2/1.dcm" in dump and "<exam>: no usable DWI series" in dump

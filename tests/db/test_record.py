@@ -73,9 +73,7 @@ def _populate(engine) -> dict:
             host="worker-1",
             prefect_flow_run_id="5f0c0a4e-0000-4000-8000-000000000001",
         )
-        study = record.ensure_study(
-            s, patient_pseudo_id="sub-001", study_key="d" * 64, source="sub-001/exam1"
-        )
+        study = record.ensure_study(s, patient_pseudo_id="sub-001", study_key="d" * 64)
         series = record.record_series(
             s,
             study_id=study.id,
@@ -85,7 +83,7 @@ def _populate(engine) -> dict:
             selection_reason="highest b-value below 1000",
             series_number=7,
             description="ep2d_diff_b50_400_800",
-            source=Path("sub-001/exam1/7"),
+            source=Path("7"),
             n_files=3,
             source_sha256=SHA_C,
             source_files=[{"name": f"{i}.dcm", "sha256": SHA_A} for i in range(3)],
@@ -147,16 +145,12 @@ def test_every_table_round_trips(db_engine):
         assert patient.pseudo_id == "sub-001" and patient.created_at.tzinfo == UTC
 
         study = s.exec(select(Study)).one()
-        assert (study.patient_id, study.study_key, study.source) == (
-            patient.id,
-            "d" * 64,
-            "sub-001/exam1",
-        )
+        assert (study.patient_id, study.study_key, study.source) == (patient.id, "d" * 64, None)
 
         series = s.get(Series, ids["series"])
         assert series.study_id == study.id and series.kind == "dwi" and series.b_value == 800.0
         assert series.selected is True and series.series_number == 7
-        assert series.source == "sub-001/exam1/7"
+        assert series.source == "7"
         assert series.source_files[2] == {"name": "2.dcm", "sha256": SHA_A}
         assert series.shape == [128, 84, 19] and series.spacing == [2.0, 2.0, 3.6]
         assert series.origin == [-120.5, -90.25, 10.0] and len(series.direction) == 9

@@ -25,6 +25,7 @@ def test_help_names_every_command(capsys) -> None:
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     commands = ("demo", "run", "evaluate", "status", "train-demo-model", "ingest", "db", "config")
+    commands += ("pseudonym",)
     commands += ("features", "volumes", "report")
     for command in commands:
         assert f"\n    {command}" in out
@@ -89,3 +90,17 @@ def test_prefect_yaml_entrypoints_are_flows() -> None:
         assert isinstance(flow, Flow)
         gpu = "gpu" in deployment["name"]
         assert deployment["work_pool"]["name"] == ("gpu-pool" if gpu else "cpu-pool")
+
+
+def test_pseudonym_command_maps_folders_to_ids_with_the_key(demo, tmp_path: Path, capsys) -> None:
+    """The way back from a folder to its pseudonym needs the key; nothing is stored."""
+    out, result = demo
+    root = out / "demo-cohort" / "dicom"
+    by_folder = {p["source"]: p["patient"] for p in result["patients"]}
+    assert main(["pseudonym", str(root), "SYN-0002", "--output", str(out), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["exams"]
+    assert row["folder"].startswith("SYN-0002/") and by_folder[row["folder"]] == row["patient"]
+    empty = tmp_path / "no-key"
+    assert main(["pseudonym", str(root), "--output", str(empty)]) == 2
+    assert "no pseudonymisation key" in capsys.readouterr().err
+    assert not (empty / ".pseudonym-key").exists()

@@ -159,7 +159,8 @@ def test_t2_geometry_matches_simpleitk_series_reader(ingested: dict, exam: str) 
     result, out, _ = ingested[exam]
     (t2,) = _by(result, "t2w")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(DATA / "dicom" / t2.source)))
+    # sources are recorded relative to the exam folder (which names the patient and date)
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(DATA / "dicom" / exam / t2.source)))
     reference = reader.Execute()
     written = sitk.ReadImage(str(out / t2.image))
     assert written.GetPixelID() == sitk.sitkFloat32
@@ -189,9 +190,10 @@ def test_adc_in_mm2_per_s_and_checksums(ingested: dict) -> None:
     assert 5e-4 < float(np.median(values[values > 0])) < 3e-3
     for record in result.series:
         assert sha256_file(out / record.image) == record.image_sha256
-        files = [DATA / "dicom" / f for f, _ in record.source_files]
+        files = [DATA / "dicom" / X0000 / f for f, _ in record.source_files]
         assert sha256_files(files) == record.source_sha256
-        assert all(sha256_file(DATA / "dicom" / f) == h for f, h in record.source_files[:2])
+        assert all(sha256_file(files[i]) == h for i, (_, h) in enumerate(record.source_files[:2]))
+        assert not any("ProstateX" in f or "2011" in f for f, _ in record.source_files)
     document = json.loads(json.dumps(result.to_dict()))
     assert document["status"] == "ok" and document["series"][0]["shape"] == [384, 384, 19]
 
@@ -201,7 +203,7 @@ BAD = {
     "ProstateX-0000-t2-missing-slice": ("4.000000-t2tsetra-00702", "missing"),
     "ProstateX-0000-dwi-missing-slice": ("6.000000-ep2ddifftraDYNDIST-69284", "b800"),
     "ProstateX-0000-truncated-file": ("4.000000-t2tsetra-00702", "truncated file 1-10.dcm"),
-    "ProstateX-0000-no-dwi": ("ProstateX-0000-no-dwi/07-07-2011", "no usable DWI"),
+    "ProstateX-0000-no-dwi": ("1 series found: t2w 1, dwi 0", "no usable DWI"),
 }
 
 
@@ -212,6 +214,7 @@ def test_bad_exams_give_clear_errors_and_write_nothing(ingested: dict) -> None:
         folder, problem = BAD[exam_folder.split("/")[0]]
         assert result.status == "error" and result.series == ()
         assert folder in result.error and problem in result.error, result.error
+        assert "ProstateX" not in result.error and "07-07-2011" not in result.error
         assert not (out / result.patient).exists()
 
 
