@@ -392,10 +392,10 @@ def test_exam_of_one_vendor_dwi_fails_only_for_lack_of_t2(
     assert not result.series
     b_values, directions, _ = EXPECTED[folder]
     how = f"b{b_values[-1]:g}: geometric mean of {directions} directions"
-    found = getattr(result, "found", None)  # the per-series classification of the result
-    if found is not None:
-        dwi = [f for f in found if f.kind == "dwi"]
-        assert len(dwi) == 1 and tuple(dwi[0].b_values) == b_values and how in dwi[0].reason
+    dwi = [f for f in result.found if f.kind == "dwi"]  # what ingest says it found
+    assert len(dwi) == 1 and tuple(dwi[0].b_values) == b_values and how in dwi[0].reason
+    # named relative to the exam folder ("." where discovery took the series folder as exam)
+    assert dwi[0].series in {Path(folder).name, "."} and dwi[0].selected
     selection = select_series({"dwi": vendor_headers[folder]})
     (decision,) = selection.decisions
     assert selection.dwi == ("dwi",) and decision.kind == "dwi" and how in decision.reason
