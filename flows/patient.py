@@ -58,9 +58,13 @@ def submit_exam(
     refs = ingested_refs(result, out_dir)
     patient = result["patient"]
     folder = out_dir / exam_dir(patient, result["session"])
+    dwi = tuple(r for r in refs if r.role.startswith("dwi_b"))
     images = ExamImages(
         t2w=next(r for r in refs if r.role == "t2w_raw"),
-        dwi=tuple(r for r in refs if r.role.startswith("dwi_b")),
+        dwi=dwi,
+        # without acquired DWI (PI-CAI), the computed high b and the scanner ADC stand in
+        hbv=None if dwi else next((r for r in refs if r.role.startswith("computed_dwi")), None),
+        adc_scanner=None if dwi else next((r for r in refs if r.role == "adc_scanner"), None),
     )
     steps = settings.steps
     # In submission order: the first failed one is the step to blame.

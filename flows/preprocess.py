@@ -32,12 +32,19 @@ from prefect.cache_policies import NONE
 
 from flows.resources import apply_thread_limits
 from flows.steps import FileRef, RunContext, execute_step, is_transient
+from tasks.align import align_dwi_to_t2
 from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
 from tasks.chain import dwi_on_t2, fit_adc, fit_b1000, register_exam
 from tasks.denoise import SusanParams, T2DenoiseParams, denoise_dwi, denoise_t2
 from tasks.dwi import DwiFitParams, select_b_values
+from tasks.errors import InputError
 from tasks.io import write_image_atomic
-from tasks.register import RegistrationParams, load_transform, save_transform
+from tasks.register import (
+    RegistrationParams,
+    load_transform,
+    resample_to_reference,
+    save_transform,
+)
 
 B1000 = 1000.0
 _DWI_ROLE = re.compile(r"^dwi_b(?P<b>\d+(?:p\d+)?)(?:_|$)")
@@ -45,10 +52,21 @@ _DWI_ROLE = re.compile(r"^dwi_b(?P<b>\d+(?:p\d+)?)(?:_|$)")
 
 @dataclass(frozen=True)
 class ExamImages:
-    """The current images of one exam between steps: T2W and the DWI volumes (by role)."""
+    """The current images of one exam between steps: T2W and the DWI volumes (by role).
+
+    An exam without acquired DWI (PI-CAI layout: T2W, scanner ADC, computed high-b "hbv")
+    has ``dwi=()`` and the high-b image as ``hbv``; ``adc_scanner`` is carried along
+    unchanged (the scanner's ADC map, mm²/s), and the steps that need acquired b-values
+    use these instead and say so in their recorded details.
+    """
 
     t2w: FileRef
     dwi: tuple[FileRef, ...]
+    hbv: FileRef | None = None
+    adc_scanner: FileRef | None = None
+
+    def inputs(self) -> list[FileRef]:
+        return [self.t2w, *self.dwi, *([self.hbv] if self.hbv else [])]
 
 
 def b_label(b: float) -> str:
@@ -110,23 +128,40 @@ def denoise_task(
     t2_params: T2DenoiseParams,
     susan: SusanParams,
 ) -> ExamImages:
-    """T2: curvature anisotropic diffusion; DWI (every b and b1000): SUSAN per volume."""
+    """T2: curvature anisotropic diffusion; DWI (every acquired b, or the hbv): SUSAN."""
     t2w, refs = images.t2w, dwi_refs(list(images.dwi))
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         t2_path = derivative_path(exam_dir, datatype="anat", desc="denoised", suffix="T2w")
         write_image_atomic(denoise_t2(_read(t2w.path), params=t2_params), t2_path)
         outputs = [FileRef.of("t2w_denoised", t2_path)]
-        volumes = denoise_dwi({b: _read(r.path) for b, r in refs.items()}, params=susan)
+        volumes = (
+            denoise_dwi({b: _read(r.path) for b, r in refs.items()}, params=susan) if refs else {}
+        )
         for b, image in sorted(volumes.items()):
             path = derivative_path(exam_dir, datatype="dwi", desc="denoised", suffix="dwi", b=b)
             write_image_atomic(image, path)
             outputs.append(FileRef.of(f"dwi_b{b_label(b)}_denoised", path))
+        if images.hbv is not None:
+            hbv = denoise_dwi({0.0: _read(images.hbv.path)}, params=susan)[0.0]
+            path = derivative_path(exam_dir, datatype="dwi", desc="denoised", suffix="hbv")
+            write_image_atomic(hbv, path)
+            outputs.append(FileRef.of("hbv_denoised", path))
         return outputs, {}
 
     params = {"t2": t2_params.model_dump(mode="json"), "susan": susan.model_dump(mode="json")}
-    out = _run(ctx, patient, "denoise", "1", [t2w, *images.dwi], params, work)
-    return ExamImages(out[0], tuple(out[1:]))
+    out = _run(ctx, patient, "denoise", "1", images.inputs(), params, work)
+    return _next_images(out, images)
+
+
+def _next_images(out: list[FileRef], before: ExamImages) -> ExamImages:
+    """The images a step passes on: its T2, its DWI volumes, its hbv; the scanner ADC."""
+    return ExamImages(
+        t2w=out[0],
+        dwi=tuple(dwi_refs(out).values()),
+        hbv=next((r for r in out if r.role.startswith("hbv_")), None),
+        adc_scanner=before.adc_scanner,
+    )
 
 
 @task(
@@ -149,19 +184,31 @@ def n4_task(
         write_image_atomic(corrected, t2_path)
         write_image_atomic(field, field_path)
         outputs = [FileRef.of("t2w_n4", t2_path), FileRef.of("t2w_biasfield", field_path)]
-        volumes, dwi_field = correct_bias_dwi(
-            {b: _read(r.path) for b, r in refs.items()}, params=params
-        )
+        if refs:
+            volumes, dwi_field = correct_bias_dwi(
+                {b: _read(r.path) for b, r in refs.items()}, params=params
+            )
+        else:  # no acquired DWI: the field is fitted on the hbv itself
+            volumes, dwi_field = correct_bias_dwi(
+                {0.0: _read(_hbv(images, "n4").path)}, params=params
+            )
         dwi_field_path = derivative_path(exam_dir, datatype="dwi", desc="n4", suffix="biasfield")
         write_image_atomic(dwi_field, dwi_field_path)
         for b, image in sorted(volumes.items()):
-            path = derivative_path(exam_dir, datatype="dwi", desc="n4", suffix="dwi", b=b)
+            if refs:
+                path = derivative_path(exam_dir, datatype="dwi", desc="n4", suffix="dwi", b=b)
+                role = f"dwi_b{b_label(b)}_n4"
+            else:
+                path, role = (
+                    derivative_path(exam_dir, datatype="dwi", desc="n4", suffix="hbv"),
+                    "hbv_n4",
+                )
             write_image_atomic(image, path)
-            outputs.append(FileRef.of(f"dwi_b{b_label(b)}_n4", path))
+            outputs.append(FileRef.of(role, path))
         return outputs + [FileRef.of("dwi_biasfield", dwi_field_path)], {}
 
-    out = _run(ctx, patient, "n4", "1", [t2w, *images.dwi], params.model_dump(mode="json"), work)
-    return ExamImages(out[0], tuple(dwi_refs(out).values()))
+    out = _run(ctx, patient, "n4", "1", images.inputs(), params.model_dump(mode="json"), work)
+    return _next_images(out, images)
 
 
 @dataclass(frozen=True)
@@ -176,10 +223,13 @@ class RegisteredImages:
     motion: tuple[FileRef, ...]
     t2_to_dwi: FileRef
     dwi_b1000: FileRef | None = None
+    hbv: FileRef | None = None
+    adc_scanner: FileRef | None = None
 
     def inputs(self) -> list[FileRef]:
         """Every file the DWI fits read."""
-        return [self.t2w, *self.dwi, *self.moco, *self.motion, self.t2_to_dwi]
+        extra = [r for r in (self.hbv, self.adc_scanner) if r is not None and not self.dwi]
+        return [self.t2w, *self.dwi, *self.moco, *self.motion, self.t2_to_dwi, *extra]
 
 
 def _exam_prefix(exam_dir: Path) -> str:
@@ -202,6 +252,8 @@ def register_task(
     translation are recorded as the step's details (:meth:`tasks.align.Alignment.details`).
     """
     t2w, refs = images.t2w, dwi_refs(list(images.dwi))
+    if not refs:
+        return _register_hbv(patient, exam_dir, images, ctx, params)
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         volumes = {b: _read(r.path) for b, r in refs.items()}
@@ -228,6 +280,45 @@ def register_task(
         moco=tuple(r for r in dwi_refs(out).values() if r.role.endswith("_moco")),
         motion=tuple(r for r in out if r.role.startswith("xfm_b")),
         t2_to_dwi=next(r for r in out if r.role == "xfm_t2_to_dwi"),
+    )
+
+
+def _hbv(images: ExamImages | RegisteredImages, step: str) -> FileRef:
+    """The computed high-b image of an exam without acquired DWI (an error if it has none)."""
+    if images.hbv is None:
+        raise InputError(
+            "no DWI: neither acquired b-volumes nor a computed high-b image", step=step
+        )
+    return images.hbv
+
+
+_NO_B_VALUES = "no acquired b-values (T2W, scanner ADC and computed high b only, e.g. PI-CAI)"
+
+
+def _register_hbv(
+    patient: str, exam_dir: Path, images: ExamImages, ctx: RunContext, params: RegistrationParams
+) -> RegisteredImages:
+    """Registration of an exam without acquired DWI: the checked T2 <-> DWI alignment with
+    the hbv as the DWI reference; no motion correction (one volume)."""
+    hbv = _hbv(images, "register")
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        alignment = align_dwi_to_t2(_read(images.t2w.path), _read(hbv.path), params=params)
+        tfm = exam_dir / "xfm" / f"{_exam_prefix(exam_dir)}_from-T2w_to-dwi.tfm"
+        save_transform(alignment.transform, tfm)
+        skipped = f"motion correction skipped: {_NO_B_VALUES}; the hbv is the DWI reference"
+        return [FileRef.of("xfm_t2_to_dwi", tfm)], alignment.details() | {"skipped": skipped}
+
+    inputs = [images.t2w, hbv]
+    out = _run(ctx, patient, "register", "2", inputs, params.model_dump(mode="json"), work)
+    return RegisteredImages(
+        t2w=images.t2w,
+        dwi=(),
+        moco=(),
+        motion=(),
+        t2_to_dwi=out[0],
+        hbv=hbv,
+        adc_scanner=images.adc_scanner,
     )
 
 
@@ -265,6 +356,9 @@ def standardize_task(
     Details recorded: ``method`` (acquired / extrapolated), the b-values fitted.
     """
 
+    if not images.dwi:
+        return _hbv_as_b1000(patient, exam_dir, images, ctx, params)
+
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         moco, on_t2, _ = _load_registered(images, ctx.threads)
         native, t2_grid, info = fit_b1000(moco, on_t2, params=params)
@@ -287,6 +381,50 @@ def standardize_task(
     return replace(images, dwi_b1000=next(r for r in out if r.role == "dwi_b1000"))
 
 
+def _on_t2(ref: FileRef, images: RegisteredImages, threads: int) -> sitk.Image:
+    """One image of the DWI space resampled onto the T2 grid through the alignment."""
+    t2 = _read(images.t2w.path)
+    transform = load_transform(images.t2_to_dwi.path)
+    return resample_to_reference(_read(ref.path), t2, transform, threads=threads)
+
+
+def _hbv_as_b1000(
+    patient: str, exam_dir: Path, images: RegisteredImages, ctx: RunContext, params: DwiFitParams
+) -> RegisteredImages:
+    """No acquired b-values: the computed high-b image (hbv) is the high-b channel."""
+    hbv = _hbv(images, "standardize_b1000")
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        path = exam_dir / "dwi" / f"{_exam_prefix(exam_dir)}_space-T2w_hbv.nii.gz"
+        write_image_atomic(_on_t2(hbv, images, ctx.threads), path)
+        why = f"b1000 standardisation skipped: {_NO_B_VALUES}"
+        return [FileRef.of("dwi_b1000", path)], {"method": "computed high b (hbv)", "skipped": why}
+
+    inputs = [images.t2w, hbv, images.t2_to_dwi]
+    out = _run(ctx, patient, "standardize_b1000", "2", inputs, params.model_dump(mode="json"), work)
+    return replace(images, dwi_b1000=out[0])
+
+
+def _scanner_adc(
+    patient: str, exam_dir: Path, images: RegisteredImages, ctx: RunContext, params: DwiFitParams
+) -> dict[str, FileRef]:
+    """No acquired b-values: the scanner's ADC map (mm²/s) stands for the fitted one."""
+    adc = images.adc_scanner
+    if adc is None:
+        raise InputError(f"no ADC: {_NO_B_VALUES} and no scanner ADC map", step="adc")
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        path = exam_dir / "dwi" / f"{_exam_prefix(exam_dir)}_space-T2w_desc-scanner_adc.nii.gz"
+        write_image_atomic(_on_t2(adc, images, ctx.threads), path)
+        why = f"ADC fit skipped: {_NO_B_VALUES}; the scanner's ADC map is used"
+        return [FileRef.of("adc", path)], {"method": "scanner ADC map", "skipped": why}
+
+    inputs = [images.t2w, adc, images.t2_to_dwi]
+    out = _run(ctx, patient, "adc", "2", inputs, params.model_dump(mode="json"), work)
+    b1000 = images.dwi_b1000
+    return {"adc_native": adc, "adc": out[0], "t2w": images.t2w, "dwi_b1000": b1000}  # type: ignore[dict-item]
+
+
 @task(
     name="adc",
     task_run_name="adc-{patient}",
@@ -303,6 +441,8 @@ def adc_task(
     """
     if images.dwi_b1000 is None:
         raise ValueError("adc_task needs the b1000 step's output (run standardize_task first)")
+    if not images.dwi:
+        return _scanner_adc(patient, exam_dir, images, ctx, params)
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         moco, on_t2, _ = _load_registered(images, ctx.threads)

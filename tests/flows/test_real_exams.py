@@ -10,11 +10,15 @@ TAPS model, then per exam:
 * ADC on its native grid vs the scanner's ADC map inside the gland: median signed
   difference within +-5 %;
 * the fits used one acquisition: 0218's b100/b500/b1400 series (another echo time) are not
-  in them.
+  in them;
+* privacy: no folder name (PatientID, study date), DICOM name, id, date, accession number or
+  UID of either exam is in the output tree, the provenance database or the Prefect server's
+  database and home.
 """
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,7 @@ import pytest
 import SimpleITK as sitk
 
 from db.run_queries import step_runs
-from db.store import session_scope
+from db.store import make_engine, session_scope
 from flows.cohort import cohort_flow
 from flows.steps import engine_for
 from tasks.align import gland_region, similarity
@@ -46,7 +50,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     patients = {p["source"].split("/")[0]: p for p in result["patients"]}
     with session_scope(engine_for(f"sqlite:///{out / 'provenance.sqlite'}")) as session:
         runs = step_runs(session)
-    return {"patients": patients, "runs": runs}
+    return {"patients": patients, "runs": runs, "out": out}
 
 
 def _recorded(real_run: dict, exam: str, step: str) -> dict:
@@ -110,3 +114,107 @@ def test_fits_use_one_acquisition(real_run: dict) -> None:
     assert other["fit_b_values"] == [100.0, 400.0, 800.0]
     adc = _recorded(real_run, "ProstateX-0218", "adc")["details"]
     assert adc["fit_b_values"] == [100.0, 400.0, 800.0]
+
+
+def _identifiers() -> set[str]:
+    """Every identifier of the real exams: folder names, PatientID/Name, birth date, study
+    date in DICOM and folder form, accession number, study/series/SOP instance UIDs."""
+    import pydicom
+
+    found = {"ProstateX-0000", "ProstateX-0218"}
+    for study in sorted((DATA / "dicom").glob("*/*")):
+        found.add(study.name)  # the study folder: the date, MM-DD-YYYY
+        for path in sorted(p for p in study.rglob("*") if p.is_file()):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            for keyword in (
+                "PatientID",
+                "PatientName",
+                "PatientBirthDate",
+                "StudyDate",
+                "AccessionNumber",
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+                "SOPInstanceUID",
+            ):
+                value = str(ds.get(keyword, "") or "").strip()
+                if len(value) >= 6:
+                    found.add(value)
+                if keyword == "StudyDate" and len(value) == 8:
+                    found.add(f"{value[:4]}-{value[4:6]}-{value[6:]}")
+    return found
+
+
+def _texts_under(folder: Path) -> list[str]:
+    texts = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.suffix == ".gz":
+                data = gzip.decompress(data)
+            texts += [str(path.relative_to(folder)), data.decode("latin-1")]
+    return texts
+
+
+def test_no_identifier_in_outputs_database_or_prefect_server(real_run: dict) -> None:
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL
+    from sqlalchemy import text
+
+    identifiers = _identifiers()
+    assert len(identifiers) > 200  # names, dates and UIDs of both exams were read
+    out = real_run["out"]
+    texts = _texts_under(out)
+    engine = make_engine(f"sqlite:///{out / 'provenance.sqlite'}")
+    with engine.connect() as connection:
+        names = connection.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))
+        for (table,) in names.all():
+            rows = connection.execute(text(f'SELECT * FROM "{table}"')).all()
+            texts += [str(tuple(row)) for row in rows]
+    engine.dispose()
+    server_db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1])
+    texts += _texts_under(server_db.parent)
+    home = Path(PREFECT_HOME.value())
+    if home.is_dir():
+        texts += _texts_under(home)
+    everything = "\n".join(texts)
+    leaked = sorted(i for i in identifiers if i in everything)
+    assert leaked == []
+    assert real_run["patients"]["ProstateX-0000"]["patient"] in everything  # we did look
+
+
+def _volume_ml(path: str) -> float:
+    mask = sitk.ReadImage(path)
+    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    return voxels * float(np.prod(mask.GetSpacing())) / 1000.0
+
+
+def test_picai_layout_runs_through_the_pipeline(real_run: dict, tmp_path: Path) -> None:
+    """ProstateX-0000 as PI-CAI ships it (T2W, scanner ADC in 1e-6 mm²/s, computed high b
+    as ``<patient>_<study>_t2w|adc|hbv.mha``): every step completes or records why it was
+    skipped, and the gland is that of the DICOM run within 10 %."""
+    ingest = _recorded(real_run, "ProstateX-0000", "ingest")
+    images = {o["role"]: o["path"] for o in ingest["outputs"]}
+    root = tmp_path / "picai" / "11373"
+    root.mkdir(parents=True)
+    sitk.WriteImage(sitk.ReadImage(images["t2w_raw"]), str(root / "11373_1001396_t2w.mha"))
+    adc = sitk.ReadImage(images["adc_scanner"]) * 1e6  # PI-CAI stores 1e-6 mm²/s
+    sitk.WriteImage(sitk.Cast(adc, sitk.sitkUInt16), str(root / "11373_1001396_adc.mha"))
+    hbv = sitk.ReadImage(images["computed_dwi_b1000_raw"])
+    sitk.WriteImage(hbv, str(root / "11373_1001396_hbv.mha"))
+    out = tmp_path / "out"
+    state = cohort_flow(
+        root=str(tmp_path / "picai"), models=["taps"], output_root=str(out), return_state=True
+    )
+    (patient,) = state.result()["patients"]
+    assert patient["status"] == "ok", patient.get("error")
+    with session_scope(engine_for(f"sqlite:///{out / 'provenance.sqlite'}")) as session:
+        runs = step_runs(session)
+    assert set(runs.status) == {"completed"}
+    by_step = {row["step"]: row["details"] or {} for row in runs.to_dict("records")}
+    assert {"ingest", "denoise", "n4", "register", "standardize_b1000", "adc"} <= set(by_step)
+    for step in ("register", "standardize_b1000", "adc"):
+        assert "no acquired b-values" in by_step[step]["skipped"], by_step[step]
+    assert all(0.93 <= s <= 1.07 for s in by_step["register"]["scales"])
+    ours = _volume_ml(patient["outputs"]["mask"])
+    dicom = _volume_ml(real_run["patients"]["ProstateX-0000"]["outputs"]["mask"])
+    print(f"\nPI-CAI layout gland {ours:.1f} mL vs DICOM run {dicom:.1f} mL")
+    assert abs(ours - dicom) <= 0.10 * dicom
