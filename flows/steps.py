@@ -4,8 +4,9 @@ Every step goes through :func:`execute_step`:
 
 1. its cache key is computed from the step name and version, the sha256 of every input
    file and the step's parameters (JSON) — the same key the provenance database records;
-2. if a completed run with that key exists and all its output files are still on disk with
-   the recorded sha256, the step is skipped (``status="cached"``; nothing is written);
+2. if a completed run with that key exists and all its output files are still on disk,
+   not empty, with the recorded sha256, the step is skipped (``status="cached"``; nothing
+   is written);
 3. otherwise the step's function runs; its outputs (written atomically by the step) and
    timing are recorded as a ``StepRun`` — ``completed`` or ``failed`` with the error text.
 
@@ -107,10 +108,17 @@ def cache_key(step: str, version: str, inputs: list[FileRef], parameters: Mappin
 
 
 def _intact(outputs: list[dict[str, Any]]) -> bool:
-    """True if every recorded output still exists with its recorded sha256."""
+    """True if every recorded output still exists, is readable and not empty, with its
+    recorded sha256. An empty file never counts (a full disk may have left one recorded,
+    and its sha256 would then match the record)."""
     for output in outputs:
         path = Path(output["path"])
-        if not path.is_file() or sha256_file(path) != output["sha256"]:
+        try:
+            if not path.is_file() or path.stat().st_size == 0:
+                return False
+            if sha256_file(path) != output["sha256"]:
+                return False
+        except OSError:  # unreadable (permissions, I/O error): recompute
             return False
     return True
 

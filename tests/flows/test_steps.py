@@ -70,6 +70,28 @@ def test_a_changed_output_is_not_a_cache_hit(ctx: RunContext) -> None:
     assert _run(ctx, "adc", calls) == "completed"
 
 
+def test_an_empty_recorded_output_is_not_a_cache_hit(ctx: RunContext) -> None:
+    """A full disk used to leave empty outputs recorded as finished: the empty file's sha256
+    matches the record, so only its size can tell."""
+    calls: list[str] = []
+    out = ctx.output_root / "n4.nii.gz"
+
+    def work() -> tuple[list[FileRef], dict]:
+        calls.append("n4")
+        write_text_atomic(out, "" if len(calls) == 1 else "image")
+        return [FileRef.of("n4", out)], {}
+
+    def run() -> str:
+        return execute_step(
+            ctx, patient=None, step="n4", version="1", inputs=[], parameters={}, run=work
+        ).status
+
+    assert run() == "completed" and out.stat().st_size == 0
+    assert run() == "completed"  # recomputed, not "cached"
+    assert calls == ["n4", "n4"] and out.read_text() == "image"
+    assert run() == "cached"
+
+
 def test_chains_are_submitted_breadth_first() -> None:
     from flows.patient import submit_breadth_first  # noqa: PLC0415
 
