@@ -27,7 +27,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlmodel import Session
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -35,6 +35,10 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for another writer's lock before failing (ms)."""
+
+PG_CONNECT_S = 10
+"""How long a PostgreSQL connection attempt may take (s) unless the URL sets
+``connect_timeout``."""
 
 _EXAMPLES = "sqlite:///path/to/provenance.db or postgresql+psycopg://user@host:5432/dbname"
 
@@ -75,11 +79,38 @@ def _make_engine(url: str | URL, *, sqlite_foreign_keys: bool) -> Engine:
                 f"unsupported PostgreSQL driver {parsed.drivername!r} in {shown}: "
                 "use postgresql+psycopg:// (psycopg 3)"
             )
-        return create_engine(parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True)
+        # libpq waits for an unreachable server as long as the OS lets it (minutes): bound it.
+        timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_S}
+        return create_engine(
+            parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True, connect_args=timeout
+        )
     raise ValueError(
         f"unsupported database URL scheme {parsed.drivername!r} in {shown}: "
         f"the provenance store runs on SQLite or PostgreSQL, e.g. {_EXAMPLES}"
     )
+
+
+def check_connection(url: str | URL) -> None:
+    """Connect to the database once, so that a wrong or unreachable URL fails at start.
+
+    Raises
+    ------
+    ValueError
+        Naming the URL (password hidden) and why it cannot be used.
+    """
+    shown = _parse(url).render_as_string(hide_password=True)
+    try:
+        engine = make_engine(url)
+    except OSError as error:  # the SQLite file's folder cannot be made
+        raise ValueError(f"cannot use {shown}: {error}") from None
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+    except (SQLAlchemyError, OSError) as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
+        raise ValueError(f"cannot connect to {shown}: {reason[0] if reason else error}") from None
+    finally:
+        engine.dispose()
 
 
 def _parse(url: str | URL) -> URL:

@@ -37,6 +37,66 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def _prefect_home(output_root: Path) -> None:
+    """Put Prefect's home under ``output_root/.prefect`` when ``~/.prefect`` is unusable.
+
+    Prefect keeps its profiles and the temporary server's database in ``PREFECT_HOME``
+    (default ``~/.prefect``); without a writable home folder (``HOME`` unset, missing or
+    read-only: a service account, a container) the server cannot start. An operator's own
+    ``PREFECT_HOME`` wins. Call before Prefect is imported.
+    """
+    if os.environ.get("PREFECT_HOME"):
+        return
+    home = os.environ.get("HOME")
+    if home:
+        default = Path(home) / ".prefect"
+        usable = default if default.exists() else Path(home)
+        if usable.is_dir() and os.access(usable, os.W_OK | os.X_OK):
+            return
+    os.environ["PREFECT_HOME"] = str(output_root / ".prefect")
+
+
+#: Commands that open the provenance database (checked at start: ``database_url``).
+_DATABASE_COMMANDS = frozenset(
+    {"demo", "run", "evaluate", "ingest", "status", "features", "volumes", "report", "db"}
+)
+
+
+def _check_before_work(args: argparse.Namespace, settings: Settings) -> None:
+    """Stop at start, before any work, on a database or segmentation model that cannot be
+    used (:class:`SettingsError`, exit code 2)."""
+    if args.command in _DATABASE_COMMANDS:
+        from db.store import check_connection
+
+        try:
+            check_connection(settings.resolved_database_url)
+        except ValueError as error:
+            raise SettingsError(f"database_url: {error}") from None
+    if args.command in ("run", "demo"):
+        specs = getattr(args, "model", None) or [settings.segmentation.model]
+        _check_models(specs, settings, demo=args.command == "demo")
+
+
+def _check_models(specs: list[str], settings: Settings, *, demo: bool) -> None:
+    """Every model spec names a usable model (checked without loading a network)."""
+    _prefect_defaults()  # flows.segment imports Prefect
+    from flows.segment import resolve_models, segmentation_params
+    from tasks.errors import InputError
+    from tasks.segment import check_model
+
+    params = segmentation_params(settings.segmentation, settings.threads.per_worker())
+    for spec in specs:
+        for resolved in resolve_models([spec], demo=demo):
+            try:
+                check_model(resolved, params)
+            except InputError as error:
+                where = f" ({error.path})" if error.path and error.path != resolved else ""
+                hint = f"; {error.hint}" if error.hint else ""
+                raise SettingsError(
+                    f"segmentation.model (--model) {spec!r}: {error.problem}{where}{hint}"
+                ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prostate-cohort",
@@ -71,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "denoising, N4, registration, ADC, segmentation, volume, radiomics and QC figures. "
         "Finished steps are reused (cache); --force recomputes.",
     )
-    run.add_argument("root", help="cohort folder")
+    run.add_argument("root", help=ROOT_HELP)
     run.add_argument(
         "--model",
         action="append",
@@ -105,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute this step even when cached (repeat; e.g. register, n4, segment)",
     )
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_discovery_options(run)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -131,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         "NIfTI/MHA), pick the axial T2W, DWI per b-value, scanner ADC and computed high-b "
         "series, check them and write pseudonymised float32 NIfTI under OUTPUT/patients.",
     )
-    ingest.add_argument("root", help="cohort folder")
+    ingest.add_argument("root", help=ROOT_HELP)
     ingest.add_argument("--output", metavar="DIR", help="output root (default ./output)")
     ingest.add_argument("--force", action="store_true", help="re-ingest cached exams")
     ingest.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_discovery_options(ingest)
 
     train = commands.add_parser(
         "train-demo-model",
@@ -182,6 +244,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ROOT_HELP = "cohort folder, or a CSV manifest (patient, study, path; paths relative to it)"
+
+
+def _add_discovery_options(command: argparse.ArgumentParser) -> None:
+    """How ``run`` and ``ingest`` find the exams: a manifest, symbolic links."""
+    command.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help="CSV listing the exams, one per row: columns patient, study, path (a folder "
+        "relative to ROOT, or absolute under it) instead of finding them by folder",
+    )
+    command.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="search symbolic links to folders (a cohort kept as links); without it they "
+        "are listed as skipped",
+    )
+
+
+def _cohort_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(data root, manifest) of ``run``/``ingest``: ROOT may be the manifest itself (its
+    folder is then the data root)."""
+    root, manifest = Path(args.root), args.manifest
+    if root.suffix.lower() == ".csv" and root.is_file():
+        if manifest is not None:
+            raise SettingsError("give the manifest as ROOT or as --manifest, not both")
+        return str(root.resolve().parent), str(root.resolve())
+    if manifest is not None and not Path(manifest).is_file():
+        raise SettingsError(f"manifest {manifest} does not exist or is not a file")
+    return args.root, str(Path(manifest).resolve()) if manifest is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -189,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"prostate-cohort: {error}", file=sys.stderr)
         return 2
+    _prefect_home(settings.output_root)
     handler = {
         "demo": _demo,
         "run": _run,
@@ -204,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": _config,
     }[args.command]
     try:
+        _check_before_work(args, settings)
         return handler(args, settings)
     except SettingsError as error:
         print(f"prostate-cohort: {error}", file=sys.stderr)
@@ -452,7 +548,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    load_settings(args.config, data_root=args.root)  # fail early on a bad ROOT
+    root, manifest = _cohort_source(args)
+    load_settings(args.config, data_root=root)  # fail early on a bad ROOT
     _prefect_defaults()
     from flows.cohort import cohort_flow
     from flows.runners import task_runner
@@ -461,14 +558,21 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         cohort_flow,
         settings,
         task_runner(settings, args.runner, args.address),
-        root=args.root,
+        root=root,
         models=args.model,
         config_file=args.config,
         output_root=str(settings.output_root),
         force=args.force,
         force_steps=args.force_step,
+        manifest=manifest,
+        follow_symlinks=args.follow_symlinks,
     )
-    code = _report(result["patients"], args.json and not args.reference, header="processed")
+    code = _report(
+        result["patients"],
+        args.json and not args.reference,
+        header="processed",
+        skipped=result.get("skipped", []),
+    )
     if args.reference:
         args.pattern, args.model = args.reference_pattern, None
         return max(code, _evaluate(args, settings))
@@ -499,24 +603,42 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
-    load_settings(args.config, data_root=args.root)  # fail early on a bad ROOT
+    root, manifest = _cohort_source(args)
+    load_settings(args.config, data_root=root)  # fail early on a bad ROOT
     _prefect_defaults()
     from flows.ingest import ingest_flow
     from flows.runners import task_runner
 
     result = ingest_flow.with_options(task_runner=task_runner(settings))(
-        root=args.root,
+        root=root,
         config_file=args.config,
         output_root=str(settings.output_root),
         force=args.force,
+        manifest=manifest,
+        follow_symlinks=args.follow_symlinks,
     )
-    return _report(result["patients"], args.json, header=f"ingested {args.root}")
+    return _report(
+        result["patients"],
+        args.json,
+        header=f"ingested {args.root}",
+        skipped=result.get("skipped", []),
+    )
 
 
-def _report(patients: list[dict[str, Any]], as_json: bool, *, header: str) -> int:
-    """Print per-patient results; exit code 1 when any patient failed."""
+def _report(
+    patients: list[dict[str, Any]],
+    as_json: bool,
+    *,
+    header: str,
+    skipped: list[dict[str, Any]] | None = None,
+) -> int:
+    """Print per-patient results (and, for ``run``/``ingest``, the paths discovery skipped,
+    with the reason); exit code 1 when any patient failed."""
     if as_json:
-        print(json.dumps({"patients": [_json_entry(p) for p in patients]}, indent=2))
+        shown: dict[str, Any] = {"patients": [_json_entry(p) for p in patients]}
+        if skipped is not None:
+            shown["skipped"] = skipped
+        print(json.dumps(shown, indent=2))
     else:
         print(header)
         for p in patients:
@@ -528,7 +650,11 @@ def _report(patients: list[dict[str, Any]], as_json: bool, *, header: str) -> in
                 step = f" in step {p['step']}" if p.get("step") else ""
                 print(f"  {p['patient']}  {p['source']}: ERROR{step}: {p['error']}")
         n_failed = sum(p["status"] != "ok" for p in patients)
-        print(f"{len(patients)} patients, {n_failed} failed")
+        for s in skipped or []:
+            files = f" ({s['files']} files)" if s.get("files") else ""
+            print(f"  skipped {s['path']}: {s['reason']}{files}")
+        line = f"{len(patients)} patients, {n_failed} failed"
+        print(line + (f", {len(skipped)} paths skipped" if skipped else ""))
     return 1 if any(p["status"] != "ok" for p in patients) else 0
 
 

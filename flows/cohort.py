@@ -8,17 +8,18 @@ its entry in the result says which step failed and why (also in the database).
 from __future__ import annotations
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from flows.ingest import ingest_exams
+from flows.ingest import discover_cohort, ingest_exams, skipped_entries
 from flows.patient import process_exams
 from flows.report import final_state, publish_run
 from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import resolve_models
 from flows.settings import load_settings
-from tasks.discover import discover_exams
+from tasks.discover import Discovery
 
 
 @flow(name="cohort", task_runner=SettingsTaskRunner())
@@ -29,8 +30,11 @@ def cohort_flow(
     output_root: str | None = None,
     force: bool = False,
     force_steps: list[str] | None = None,
+    manifest: str | None = None,
+    follow_symlinks: bool = False,
 ) -> State:
-    """Process every exam under ``root``; the result is ``{"patients": [...], "models": [...]}``.
+    """Process every exam under ``root``; the result is ``{"patients": [...], "models": [...],
+    "skipped": [...]}`` (``skipped``: the paths that hold no exam, for the terminal only).
 
     The final state is ``Completed`` unless every patient failed (``flows.report``); its
     message counts the failures by step. Artifacts: ``cohort-progress``, ``cohort-summary``.
@@ -45,18 +49,56 @@ def cohort_flow(
     force, force_steps
         Recompute every step, or these steps (e.g. ``["register", "segment"]``), even when
         a finished run with the same inputs and parameters is on record.
+    manifest, follow_symlinks
+        A CSV listing the exams (``patient, study, path``; see :mod:`tasks.discover`);
+        search symbolic links to folders.
     """
     settings = load_settings(config_file, data_root=root, output_root=output_root)
     specs = resolve_models(models or [settings.segmentation.model], demo=False)
     command = f"run {root} " + " ".join(f"--model {m}" for m in specs)
+    command += f" --manifest {manifest}" if manifest else ""
+    command += " --follow-symlinks" if follow_symlinks else ""
     with pipeline_run(settings, command=command, force=force, force_steps=force_steps) as (
         ctx,
         run,
     ):
-        exams = discover_exams(settings.data_root)
-        get_run_logger().info("found %d exams; models: %s", len(exams), ", ".join(specs))
-        results = ingest_exams(exams, ctx, pseudonym_secret(settings), settings.steps.ingest)
+        found = discover_cohort(
+            settings.data_root, manifest=manifest, follow_symlinks=follow_symlinks
+        )
+        get_run_logger().info("models: %s", ", ".join(specs))
+        publish_discovery(found)
+        results = ingest_exams(found.exams, ctx, pseudonym_secret(settings), settings.steps.ingest)
         results = process_exams(results, ctx, settings, specs)
         run.finish(results)
         publish_run(ctx, results, title=f"Cohort run over {root}")
-    return final_state({"patients": results, "models": specs})
+    return final_state({"patients": results, "models": specs, "skipped": skipped_entries(found)})
+
+
+def discovery_markdown(found: Discovery) -> str:
+    """What discovery found, as Markdown: exams (with a problem), skipped paths by reason.
+
+    Counts and fixed reasons only: skipped paths (an empty patient folder, a link named
+    after a patient) may name patients, so they are shown on the terminal and never here.
+    """
+    problems = sum(e.problem is not None for e in found.exams)
+    lines = [
+        "# Discovery",
+        "",
+        f"{len(found.exams)} exams found ({problems} with a problem, reported as that "
+        f"exam's ingest error); {len(found.skipped)} paths skipped.",
+        "",
+    ]
+    counts = found.skipped_by_reason()
+    if counts:
+        lines += ["| skipped because | paths |", "|---|---|"]
+        lines += [f"| {reason} | {n} |" for reason, n in counts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def publish_discovery(found: Discovery) -> None:
+    """The ``cohort-discovery`` artifact (:func:`discovery_markdown`)."""
+    create_markdown_artifact(
+        markdown=discovery_markdown(found),
+        key="cohort-discovery",
+        description="Exams found and paths skipped (counts and reasons; no paths)",
+    )

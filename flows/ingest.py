@@ -3,7 +3,10 @@
 The task wraps :func:`tasks.ingest.ingest_exam` through :func:`flows.steps.execute_step`
 (cache + provenance) and records the study and every series (chosen or rejected, with the
 reason) in the database. An exam with bad data fails its own task run with a clear
-``InputError``; the other exams go on.
+``InputError``; the other exams go on. So does an exam that discovery already marked with a
+``problem`` (duplicated PI-CAI files, files of another patient, a bad manifest row): its
+problem is its recorded error. The paths discovery skipped are returned for the terminal
+and only counted, by reason, in the Prefect logs (they may name patients).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.settings import IngestSettings, load_settings
 from flows.steps import FileRef, RunContext, execute_step, is_transient
-from tasks.discover import Exam, discover_exams
+from tasks.discover import Discovery, Exam, discover
 from tasks.errors import InputError
 from tasks.ingest import (
     IngestResult,
@@ -118,6 +121,8 @@ def ingest_one(
     sidecar = out_dir / exam_dir(patient, session) / f"{patient}_{session}_ingest.json"
 
     def run() -> tuple[list[FileRef], dict[str, Any]]:
+        if exam.problem:  # found by discovery; nothing of the exam is ingested
+            raise InputError(exam.problem, patient=patient, step=STEP, details={"found": []})
         result: IngestResult = ingest_exam(
             exam, out_dir=out_dir, key=key.get_secret_value(), min_b_values=params.min_b_values
         )
@@ -227,22 +232,55 @@ def ingest_exams(
     return results
 
 
+def discover_cohort(
+    root: str | Path, *, manifest: str | None = None, follow_symlinks: bool = False
+) -> Discovery:
+    """:func:`tasks.discover.discover` for a flow: logs how many exams were found and how
+    many paths were skipped, for what reasons (counts and fixed reasons only: the skipped
+    paths may name patients and stay out of the Prefect logs)."""
+    found = discover(root, manifest=manifest, follow_symlinks=follow_symlinks)
+    get_run_logger().info("found %d exams; %s", len(found.exams), skipped_summary(found))
+    return found
+
+
+def skipped_summary(found: Discovery) -> str:
+    """``skipped 2 paths (1 empty folder, 1 ...)``: counts by reason, no paths."""
+    counts = found.skipped_by_reason()
+    if not counts:
+        return "skipped nothing"
+    reasons = ", ".join(f"{n} {reason}" for reason, n in counts.items())
+    return f"skipped {len(found.skipped)} paths ({reasons})"
+
+
+def skipped_entries(found: Discovery) -> list[dict[str, Any]]:
+    """The skipped paths for the terminal (``path`` may name a patient: never persisted)."""
+    return [{"path": s.path, "reason": s.reason, "files": s.files} for s in found.skipped]
+
+
 @flow(name="ingest-cohort", task_runner=SettingsTaskRunner(), log_prints=False)
 def ingest_flow(
     root: str,
     config_file: str | None = None,
     output_root: str | None = None,
     force: bool = False,
+    manifest: str | None = None,
+    follow_symlinks: bool = False,
 ) -> dict[str, Any]:
-    """Discover the exams under ``root`` and ingest each; return ``{"patients": [...]}``.
+    """Discover the exams under ``root`` and ingest each; return ``{"patients": [...],
+    "skipped": [...]}`` (``skipped``: paths that hold no exam, for the terminal only).
 
     Parameters are paths only (they are shown in the Prefect UI): no identifiers, no keys.
     The pseudonymisation key and every other setting come from the settings sources.
+    ``manifest``: a CSV listing the exams (see :mod:`tasks.discover`); ``follow_symlinks``:
+    search symbolic links to folders.
     """
     settings = load_settings(config_file, data_root=root, output_root=output_root)
-    with pipeline_run(settings, command=f"ingest {root}", force=force) as (ctx, run):
-        exams = discover_exams(settings.data_root)
-        get_run_logger().info("found %d exams", len(exams))
-        results = ingest_exams(exams, ctx, pseudonym_secret(settings), settings.steps.ingest)
+    command = f"ingest {root}" + (f" --manifest {manifest}" if manifest else "")
+    command += " --follow-symlinks" if follow_symlinks else ""
+    with pipeline_run(settings, command=command, force=force) as (ctx, run):
+        found = discover_cohort(
+            settings.data_root, manifest=manifest, follow_symlinks=follow_symlinks
+        )
+        results = ingest_exams(found.exams, ctx, pseudonym_secret(settings), settings.steps.ingest)
         run.finish(results)
-    return {"patients": results}
+    return {"patients": results, "skipped": skipped_entries(found)}

@@ -238,6 +238,11 @@ class Settings(BaseSettings):
                 f"database '{url.get_backend_name()}' is not supported; use one of "
                 f"{', '.join(SUPPORTED_DATABASES)}"
             )
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            raise ValueError(
+                "a SQLite URL needs a file (an in-memory database is lost at exit); "
+                "expected e.g. sqlite:////abs/path/provenance.sqlite"
+            )
         return value
 
     @property
@@ -277,6 +282,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             raise SettingsError(f"config file {path} does not exist")
         if path.suffix.lower() not in (".toml", ".yaml", ".yml"):
             raise SettingsError(f"config file {path} must end in .toml, .yaml or .yml")
+    _refuse_unknown_sections()
     token = _config_file.set(path)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -286,6 +292,27 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise SettingsError(f"config file {path}: {error}") from None
     finally:
         _config_file.reset(token)
+
+
+def _refuse_unknown_sections() -> None:
+    """Refuse nested environment variables under an unknown top-level name.
+
+    pydantic-settings reads only the variables that match a field, so a typo in the first
+    part (``PROSTATE_COHORT_STEP__N4__ITERATIONS``) would be dropped without a word; typos
+    further down reach the (``extra="forbid"``) models and fail there. Plain names
+    (``PROSTATE_COHORT_CONFIG``, or variables of the deployment scripts) are left alone.
+    """
+    unknown = []
+    for name in sorted(os.environ):
+        head, nested, _rest = name[len(ENV_PREFIX) :].partition("__")
+        if (
+            name.upper().startswith(ENV_PREFIX)
+            and nested
+            and head.lower() not in Settings.model_fields
+        ):
+            unknown.append(f"  {head.lower()}: unknown setting (environment variable {name})")
+    if unknown:
+        raise SettingsError("\n".join(["invalid settings:", *unknown]))
 
 
 def _describe(error: ValidationError, path: Path | None) -> str:

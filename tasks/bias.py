@@ -43,7 +43,7 @@ STEP = "bias"
 MIN_COMPONENT_FRACTION = 0.01
 
 
-class N4Params(BaseModel, frozen=True):
+class N4Params(BaseModel, frozen=True, extra="forbid"):
     """N4 settings. Defaults were chosen by measurement on synthetic and ProstateX exams.
 
     Attributes

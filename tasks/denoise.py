@@ -55,7 +55,7 @@ MEDIAN_TRIGGER = 1.5  # FSL: use the local median when sum(K * B) < 1.5
 # ------------------------------------------------------------------------------------- T2W
 
 
-class T2DenoiseParams(BaseModel, frozen=True):
+class T2DenoiseParams(BaseModel, frozen=True, extra="forbid"):
     """Curvature anisotropic diffusion of the T2W image.
 
     Attributes
@@ -136,7 +136,7 @@ def denoise_t2(image: sitk.Image, *, params: T2DenoiseParams) -> sitk.Image:
 # ------------------------------------------------------------------------------------ SUSAN
 
 
-class SusanParams(BaseModel, frozen=True):
+class SusanParams(BaseModel, frozen=True, extra="forbid"):
     """SUSAN settings for DWI volumes.
 
     Attributes

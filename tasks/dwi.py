@@ -63,7 +63,7 @@ STEP = "dwi"
 B_TOLERANCE = 0.5  # s/mm²: an acquired b within this of the target counts as the target
 
 
-class DwiFitParams(BaseModel, frozen=True):
+class DwiFitParams(BaseModel, frozen=True, extra="forbid"):
     """Mono-exponential fit settings.
 
     Attributes

@@ -436,6 +436,8 @@ def ingest_exam(
         Empty ``key`` (a configuration error, not bad data).
     """
     patient, session = exam_ids(exam, key)
+    if exam.problem:  # found by discovery (duplicate files, another patient's files, ...)
+        return IngestResult(patient, session, exam.folder, "error", exam.problem, (), ())
     writer = _Writer(Path(exam.root) / exam.folder, Path(out_dir), patient, session)
     if exam.kind == "image":
         errors, rejected, found = _ingest_images(exam, writer)

@@ -48,7 +48,7 @@ _INTERPOLATORS = {
 _INITIALISERS = {"geometry": "GeometricalCenter", "mass": "CenterOfGravity"}
 
 
-class RegistrationParams(BaseModel, frozen=True):
+class RegistrationParams(BaseModel, frozen=True, extra="forbid"):
     """elastix settings for the rigid (DWI b -> lowest b) and affine (T2 <-> DWI) steps.
 
     Defaults were chosen by target registration error (TRE) against the synthetic ground

@@ -22,6 +22,7 @@ Backends are created once per (spec, parameters) and process and reused for ever
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "models" / "demo-nnunet"
 
 
-class SegmentationParams(BaseModel, frozen=True):
+class SegmentationParams(BaseModel, frozen=True, extra="forbid"):
     """How a backend runs (not which model: that is the spec).
 
     Attributes
@@ -153,18 +154,48 @@ def get_backend(spec: str, params: SegmentationParams) -> SegmentationBackend:
         If ``spec`` is neither a named backend nor an existing folder, or the model folder
         is incomplete or incompatible (raised by the backend).
     """
-    if spec not in BACKENDS and not Path(spec).is_dir():
-        raise InputError(
-            f"segmentation model {spec!r} is neither one of {sorted(BACKENDS)} nor a folder",
-            step=STEP,
-            hint="set segmentation.model to 'demo', 'taps' or an nnU-Net v2 model folder",
-        )
+    _check_spec(spec)
     key = (str(Path(spec).resolve()) if spec not in BACKENDS else spec, params.model_dump_json())
     with _LOCK:
         if key not in _LOADED:
             _LOADED[key] = BACKENDS.get(spec, _make_nnunet)(spec, params)
             _CREATED.append(key)
         return _LOADED[key]
+
+
+def _check_spec(spec: str) -> None:
+    if spec not in BACKENDS and not Path(spec).is_dir():
+        raise InputError(
+            f"segmentation model {spec!r} is neither one of {sorted(BACKENDS)} nor a folder",
+            step=STEP,
+            hint="set segmentation.model to 'demo', 'taps' or an nnU-Net v2 model folder",
+        )
+
+
+def check_model(spec: str, params: SegmentationParams) -> None:
+    """Check, without loading a network, that ``spec`` names a usable model: ``taps`` with
+    its package installed, or ``demo``/a folder holding a complete nnU-Net v2 model (files,
+    channels, folds, checkpoints). The command line calls it before any work starts.
+
+    Raises
+    ------
+    InputError
+        Why the model cannot be used (what :func:`get_backend` would raise later).
+    """
+    _check_spec(spec)
+    if spec == "taps":
+        if importlib.util.find_spec("taps") is None:
+            from tasks.segment_taps import PACKAGE  # noqa: PLC0415
+
+            raise InputError(
+                "the TAPS model package is not installed",
+                step=STEP,
+                hint=f"pip install {PACKAGE} (it ships the model; nothing is downloaded)",
+            )
+        return
+    from tasks.segment_nnunet import check_model_folder  # noqa: PLC0415
+
+    check_model_folder(DEMO_MODEL_DIR if spec == "demo" else Path(spec), params)
 
 
 def backends_created() -> int:

@@ -476,3 +476,17 @@ class NnUNetBackend:
                 "seconds": round(seconds, 3),
             },
         )
+
+
+def check_model_folder(folder: Path, params: SegmentationParams) -> None:
+    """Check an nnU-Net v2 model folder without loading the network (no torch): its
+    ``dataset.json`` and ``plans.json``, the channel mapping, the folds and checkpoints.
+
+    Raises
+    ------
+    InputError
+        What :class:`NnUNetBackend` would raise on loading the model.
+    """
+    dataset_json, _plans = NnUNetBackend._read_model_files(folder)
+    map_channels(dataset_json.get("channel_names", {}), params.channel_map)
+    NnUNetBackend._folds(folder, params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -12,7 +13,7 @@ from sqlmodel import select
 
 from db.models import Patient, PipelineRun
 from db.record import ensure_patient, record_step_run
-from db.store import make_engine, session_scope, upgrade
+from db.store import check_connection, make_engine, session_scope, upgrade
 
 
 def test_sqlite_engine_uses_wal_foreign_keys_and_busy_timeout(tmp_path):
@@ -55,6 +56,34 @@ def test_plain_postgresql_url_means_psycopg3():
     engine = make_engine("postgresql://someone@localhost:5432/provenance")  # never connects
     assert (engine.dialect.name, engine.dialect.driver) == ("postgresql", "psycopg")
     assert engine.pool._pre_ping
+
+
+def test_an_unreachable_postgresql_fails_at_once_naming_the_url():
+    with pytest.raises(ValueError, match=r"cannot connect to postgresql://nobody:\*\*\*@") as info:
+        check_connection("postgresql://nobody:s3cret-pw@127.0.0.1:1/x")
+    assert "s3cret-pw" not in str(info.value) and "Connection refused" in str(info.value)
+
+
+def test_a_postgresql_server_that_never_answers_times_out(monkeypatch):
+    """libpq would wait for a silent server as long as the OS lets it; make_engine bounds it."""
+    monkeypatch.setattr("db.store.PG_CONNECT_S", 2)
+    errors: list[str] = []
+
+    def connect(url: str) -> None:
+        try:
+            check_connection(url)
+        except ValueError as error:
+            errors.append(str(error))
+
+    with socket.socket() as silent:  # accepts TCP connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql://nobody@127.0.0.1:{silent.getsockname()[1]}/x"
+        worker = threading.Thread(target=connect, args=(url,), daemon=True)
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), "still connecting after 20 s: no connect timeout"
+    assert errors and "timeout expired" in errors[0]
 
 
 def test_session_scope_commits_on_success_and_rolls_back_on_error(db_engine):

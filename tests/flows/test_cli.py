@@ -104,3 +104,161 @@ def test_pseudonym_command_maps_folders_to_ids_with_the_key(demo, tmp_path: Path
     assert main(["pseudonym", str(root), "--output", str(empty)]) == 2
     assert "no pseudonymisation key" in capsys.readouterr().err
     assert not (empty / ".pseudonym-key").exists()
+
+
+# -- settings checked before any work: step parameters, model, database, Prefect home ------
+
+
+def _no_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command gets as far as starting a flow."""
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("the flow started despite invalid settings")
+
+    monkeypatch.setattr("flows.cli._run_flow", started)
+
+
+def test_a_typo_under_steps_exits_2_naming_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("PROSTATE_COHORT_STEPS__N4__ITERATONS", "1")
+    assert main(["config", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "steps.n4.iteratons: unknown setting" in err
+    assert "PROSTATE_COHORT_STEPS__N4__ITERATONS" in err
+    monkeypatch.delenv("PROSTATE_COHORT_STEPS__N4__ITERATONS")
+    config = tmp_path / "c.toml"
+    config.write_text("[steps.n4]\niteratons = [10]\n")
+    assert main(["--config", str(config), "run", str(tmp_path), "--output", str(tmp_path)]) == 2
+    assert "steps.n4.iteratons: unknown setting" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["unet-foo", "/no/such/model/folder", "empty-folder"])
+def test_an_unknown_model_stops_run_at_start(tmp_path: Path, capsys, monkeypatch, model) -> None:
+    _no_flow(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "cohort").mkdir()
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "cohort"), "--model", model, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"segmentation.model (--model) {model!r}" in err
+    expected = "no dataset.json" if model == "empty-folder" else "is neither one of"
+    assert expected in err
+    assert not (out / "patients").exists()
+
+
+def test_an_unknown_model_setting_stops_demo_at_start(tmp_path: Path, capsys, monkeypatch) -> None:
+    _no_flow(monkeypatch)
+    monkeypatch.setenv("PROSTATE_COHORT_SEGMENTATION__MODEL", str(tmp_path / "nowhere"))
+    assert main(["demo", "--output", str(tmp_path)]) == 2
+    assert f"(--model) '{tmp_path / 'nowhere'}'" in capsys.readouterr().err
+    assert not (tmp_path / "demo-cohort").exists()
+
+
+@pytest.mark.parametrize("command", ["status", "db", "run"])
+def test_an_unreachable_database_exits_2_at_start(tmp_path, capsys, monkeypatch, command) -> None:
+    import time
+
+    _no_flow(monkeypatch)
+    monkeypatch.setenv("PROSTATE_COHORT_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/x")
+    (tmp_path / "cohort").mkdir()
+    argv = {
+        "status": ["status", "--output", str(tmp_path)],
+        "db": ["db", "upgrade"],
+        "run": ["run", str(tmp_path / "cohort"), "--output", str(tmp_path)],
+    }[command]
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < 20
+    err = capsys.readouterr().err
+    assert "database_url: cannot connect to postgresql://nobody@127.0.0.1:1/x" in err
+    assert "Traceback" not in err
+
+
+def test_a_sqlite_url_without_a_file_exits_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("PROSTATE_COHORT_DATABASE_URL", "sqlite://")
+    assert main(["status", "--output", str(tmp_path)]) == 2
+    assert "database_url: a SQLite URL needs a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("home", [None, "/nonexistent", "a-file"])
+def test_prefect_home_moves_under_the_output_root_without_a_usable_home(
+    tmp_path: Path, capsys, monkeypatch, home
+) -> None:
+    monkeypatch.setenv("PREFECT_HOME", "restored-after-the-test")
+    monkeypatch.delenv("PREFECT_HOME")
+    if home is None:
+        monkeypatch.delenv("HOME", raising=False)
+    else:
+        if home == "a-file":
+            home = str(tmp_path / "a-file")
+            Path(home).write_text("")
+        monkeypatch.setenv("HOME", home)
+    assert main(["config", "--output", str(tmp_path / "out")]) == 0
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / "out" / ".prefect")
+
+
+def test_a_usable_home_or_an_own_prefect_home_is_kept(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PREFECT_HOME", "restored-after-the-test")
+    monkeypatch.delenv("PREFECT_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["config", "--output", str(tmp_path / "out")]) == 0
+    assert "PREFECT_HOME" not in os.environ  # ~/.prefect, Prefect's own default
+    monkeypatch.setenv("HOME", "/nonexistent")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "mine"))
+    assert main(["config", "--output", str(tmp_path / "out")]) == 0
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / "mine")
+
+
+def _without_home(tmp_path: Path, home: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PROSTATE_"))}
+    env.pop("HOME", None)
+    if home is not None:
+        env["HOME"] = home
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+def _cli() -> str:
+    import sys
+
+    return str(Path(sys.executable).parent / "prostate-cohort")
+
+
+@pytest.mark.parametrize("home", [None, "/nonexistent"])
+def test_config_works_without_a_home(tmp_path: Path, home: str | None) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [_cli(), "config", "--output", str(tmp_path / "out")],
+        env=_without_home(tmp_path, home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["output_root"] == str((tmp_path / "out").resolve())
+
+
+@pytest.mark.slow
+def test_a_prefect_command_works_without_a_home(tmp_path: Path) -> None:
+    """``ingest`` starts Prefect's temporary server, whose database needs a writable home:
+    with HOME=/nonexistent it used to time out after 3 minutes."""
+    import subprocess
+
+    (tmp_path / "cohort").mkdir()
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [_cli(), "ingest", str(tmp_path / "cohort"), "--output", str(out)],
+        env=_without_home(tmp_path, "/nonexistent")
+        | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "150"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "0 patients, 0 failed" in done.stdout
+    assert (out / ".prefect" / "prefect.db").is_file()

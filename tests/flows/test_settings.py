@@ -119,3 +119,48 @@ def test_pseudonym_key_file_is_created_once_private_and_stable(tmp_path: Path) -
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert len(first) == 64 and pseudonym_key(settings) == first
     assert pseudonym_key(load_settings(output_root=tmp_path, pseudonym_key="k2")) == "k2"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "named"),
+    [
+        ("[steps.n4]\niteratons = [10]\n", {}, "steps.n4.iteratons: unknown setting"),
+        ("", {"PROSTATE_COHORT_STEPS__N4__ITERATONS": "1"}, "steps.n4.iteratons: unknown"),
+        ("", {"PROSTATE_COHORT_STEPS__DWI_FIT__ESTIMATR": "ols"}, "steps.dwi_fit.estimatr"),
+        ("[steps.registration]\nthread = 2\n", {}, "steps.registration.thread: unknown"),
+        ("", {"PROSTATE_COHORT_STEPS__SUSAN__SIGMA_MM": "1"}, "steps.susan.sigma_mm: unknown"),
+        ("", {"PROSTATE_COHORT_STEP__N4__ITERATIONS": "1"}, "step: unknown setting"),
+    ],
+)
+def test_unknown_step_parameters_are_refused(tmp_path, monkeypatch, toml, env, named) -> None:
+    """A typo under [steps.*], in the file or in a nested environment variable, stops the
+    program (pydantic-settings would drop an unknown name silently)."""
+    config = tmp_path / "c.toml"
+    config.write_text(toml)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings(config, output_root=tmp_path)
+    assert named in str(error.value)
+    for name in env:
+        assert f"(environment variable {name})" in str(error.value)
+
+
+def test_every_parameter_model_forbids_unknown_keys() -> None:
+    from pydantic import BaseModel, ValidationError
+
+    from flows.settings import StepSettings
+    from tasks.segment import SegmentationParams
+
+    models = [StepSettings, SegmentationParams]
+    models += [field.annotation for field in StepSettings.model_fields.values()]
+    for model in models:
+        assert issubclass(model, BaseModel)
+        with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+            model(typo=1)
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_a_sqlite_url_without_a_file_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(SettingsError, match="database_url: a SQLite URL needs a file"):
+        load_settings(output_root=tmp_path, database_url=url)
