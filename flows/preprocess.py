@@ -388,21 +388,50 @@ def _on_t2(ref: FileRef, images: RegisteredImages, threads: int) -> sitk.Image:
     return resample_to_reference(_read(ref.path), t2, transform, threads=threads)
 
 
+def _stand_in(
+    patient: str,
+    exam_dir: Path,
+    images: RegisteredImages,
+    ctx: RunContext,
+    params: DwiFitParams,
+    *,
+    step: str,
+    source: FileRef,
+    name: str,
+    role: str,
+    method: str,
+    why: str,
+) -> FileRef:
+    """An exam without acquired b-values: ``step`` records why it was skipped and writes
+    ``source`` (the hbv or the scanner ADC) on the T2 grid as its output ``role``."""
+
+    def work() -> tuple[list[FileRef], dict[str, Any]]:
+        path = exam_dir / "dwi" / f"{_exam_prefix(exam_dir)}_space-T2w_{name}.nii.gz"
+        write_image_atomic(_on_t2(source, images, ctx.threads), path)
+        return [FileRef.of(role, path)], {"method": method, "skipped": why}
+
+    inputs = [images.t2w, source, images.t2_to_dwi]
+    return _run(ctx, patient, step, "2", inputs, params.model_dump(mode="json"), work)[0]
+
+
 def _hbv_as_b1000(
     patient: str, exam_dir: Path, images: RegisteredImages, ctx: RunContext, params: DwiFitParams
 ) -> RegisteredImages:
     """No acquired b-values: the computed high-b image (hbv) is the high-b channel."""
-    hbv = _hbv(images, "standardize_b1000")
-
-    def work() -> tuple[list[FileRef], dict[str, Any]]:
-        path = exam_dir / "dwi" / f"{_exam_prefix(exam_dir)}_space-T2w_hbv.nii.gz"
-        write_image_atomic(_on_t2(hbv, images, ctx.threads), path)
-        why = f"b1000 standardisation skipped: {_NO_B_VALUES}"
-        return [FileRef.of("dwi_b1000", path)], {"method": "computed high b (hbv)", "skipped": why}
-
-    inputs = [images.t2w, hbv, images.t2_to_dwi]
-    out = _run(ctx, patient, "standardize_b1000", "2", inputs, params.model_dump(mode="json"), work)
-    return replace(images, dwi_b1000=out[0])
+    b1000 = _stand_in(
+        patient,
+        exam_dir,
+        images,
+        ctx,
+        params,
+        step="standardize_b1000",
+        source=_hbv(images, "standardize_b1000"),
+        name="hbv",
+        role="dwi_b1000",
+        method="computed high b (hbv)",
+        why=f"b1000 standardisation skipped: {_NO_B_VALUES}",
+    )
+    return replace(images, dwi_b1000=b1000)
 
 
 def _scanner_adc(
@@ -410,19 +439,22 @@ def _scanner_adc(
 ) -> dict[str, FileRef]:
     """No acquired b-values: the scanner's ADC map (mm²/s) stands for the fitted one."""
     adc = images.adc_scanner
-    if adc is None:
+    if adc is None or images.dwi_b1000 is None:
         raise InputError(f"no ADC: {_NO_B_VALUES} and no scanner ADC map", step="adc")
-
-    def work() -> tuple[list[FileRef], dict[str, Any]]:
-        path = exam_dir / "dwi" / f"{_exam_prefix(exam_dir)}_space-T2w_desc-scanner_adc.nii.gz"
-        write_image_atomic(_on_t2(adc, images, ctx.threads), path)
-        why = f"ADC fit skipped: {_NO_B_VALUES}; the scanner's ADC map is used"
-        return [FileRef.of("adc", path)], {"method": "scanner ADC map", "skipped": why}
-
-    inputs = [images.t2w, adc, images.t2_to_dwi]
-    out = _run(ctx, patient, "adc", "2", inputs, params.model_dump(mode="json"), work)
-    b1000 = images.dwi_b1000
-    return {"adc_native": adc, "adc": out[0], "t2w": images.t2w, "dwi_b1000": b1000}  # type: ignore[dict-item]
+    on_t2 = _stand_in(
+        patient,
+        exam_dir,
+        images,
+        ctx,
+        params,
+        step="adc",
+        source=adc,
+        name="desc-scanner_adc",
+        role="adc",
+        method="scanner ADC map",
+        why=f"ADC fit skipped: {_NO_B_VALUES}; the scanner's ADC map is used",
+    )
+    return {"adc_native": adc, "adc": on_t2, "t2w": images.t2w, "dwi_b1000": images.dwi_b1000}
 
 
 @task(
