@@ -101,6 +101,15 @@ def ensure_study(session: Session, *, patient_pseudo_id: str, study_key: str) ->
     return _get_or_create(session, Study, patient_id=patient.id, study_key=study_key)
 
 
+def clear_series(session: Session, *, study_id: int) -> int:
+    """Delete a study's series rows (before a re-ingest records them anew); return how many."""
+    rows = session.exec(select(Series).where(Series.study_id == study_id)).all()
+    for row in rows:
+        session.delete(row)
+    session.flush()
+    return len(rows)
+
+
 def record_series(session: Session, *, study_id: int, **columns: Any) -> Series:
     """Add one series row; ``columns`` are ``Series`` column names (see ``db.models``).
 
@@ -204,13 +213,16 @@ def record_step_run(
     error: str | None = None,
     error_type: str | None = None,
     details: Mapping[str, Any] | None = None,
+    output_root: Path | None = None,
 ) -> StepRun:
     """Add one step run (``duration_s`` computed) and, if completed, its output artifacts.
 
     ``inputs`` and ``outputs`` are ``{"role", "path", "sha256"}`` mappings (extra keys are
     kept; ``size_bytes`` is used for the artifact). For a completed run of a patient, each
     output not yet known for that patient (same role and sha256) becomes an ``Artifact``.
-    ``patient_pseudo_id=None`` records a cohort-level step.
+    ``patient_pseudo_id=None`` records a cohort-level step. With ``output_root``, the run's
+    input and output paths under it are stored relative to it (a moved or copied output
+    tree stays valid); artifacts keep the absolute path.
 
     Raises
     ------
@@ -228,11 +240,12 @@ def record_step_run(
         duration_s = (ended_at - started_at).total_seconds()
         if duration_s < 0:
             raise ValueError(f"step {step!r} ends ({ended_at}) before it starts ({started_at})")
+    produced = _files(outputs, "outputs")
     json_columns = {
         "parameters": _json(dict(parameters), "parameters"),
         "software_versions": _json(dict(software_versions), "software_versions"),
-        "inputs": _files(inputs, "inputs"),
-        "outputs": _files(outputs, "outputs"),
+        "inputs": _under(_files(inputs, "inputs"), output_root),
+        "outputs": _under(produced, output_root),
         "details": None if details is None else _json(dict(details), "details"),
     }
     patient = None if patient_pseudo_id is None else ensure_patient(session, patient_pseudo_id)
@@ -256,7 +269,7 @@ def record_step_run(
     session.add(run)
     session.flush()
     if status == "completed" and patient is not None:
-        for output in run.outputs:
+        for output in produced:
             _get_or_create(
                 session,
                 Artifact,
@@ -411,6 +424,19 @@ def _get_or_create(
         if row is None:
             raise
     return row
+
+
+def _under(files: list[dict[str, Any]], root: Path | None) -> list[dict[str, Any]]:
+    """File entries with paths under ``root`` made relative to it (POSIX), others as given."""
+    if root is None:
+        return files
+    out = []
+    for entry in files:
+        try:
+            out.append({**entry, "path": Path(entry["path"]).relative_to(root).as_posix()})
+        except ValueError:
+            out.append(entry)
+    return out
 
 
 def _files(entries: Iterable[Mapping[str, Any]], what: str) -> list[dict[str, Any]]:

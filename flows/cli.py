@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.settings import KEY_FILE_NAME, Settings, SettingsError, load_settings, pseudonym_key
+from flows.tree_lock import OutputTreeBusy, output_tree_lock
 
 DESCRIPTION = """\
 Process a cohort of prostate multiparametric MRI exams: ingest DICOM/NIfTI/MHA, standardise
@@ -300,10 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     try:
         _check_before_work(args, settings)
-        return handler(args, settings)
-    except SettingsError as error:
+        if args.command not in _RUN_COMMANDS:
+            return handler(args, settings)
+        with output_tree_lock(settings.output_root):  # one run at a time per output tree
+            return handler(args, settings)
+    except (SettingsError, OutputTreeBusy) as error:
         print(f"prostate-cohort: {error}", file=sys.stderr)
         return 2
+
+
+#: Commands that run flows on the output tree (they hold its lock while they run).
+_RUN_COMMANDS = frozenset({"demo", "run", "ingest", "evaluate"})
 
 
 def _config(args: argparse.Namespace, settings: Settings) -> int:

@@ -21,7 +21,7 @@ from prefect.logging import get_run_logger
 from pydantic import SecretStr
 from sqlmodel import Session
 
-from db.record import ensure_study, record_series
+from db.record import clear_series, ensure_study, record_series
 from flows.resources import apply_thread_limits
 from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
@@ -142,6 +142,7 @@ def ingest_one(
     def on_record(session: Session, _step_run_id: int) -> None:
         data = json.loads(sidecar.read_text())
         study = ensure_study(session, patient_pseudo_id=patient, study_key=data["session"])
+        clear_series(session, study_id=study.id)  # a re-ingest replaces, never appends
         for row in _series_rows(exam, data, out_dir):
             record_series(session, study_id=study.id, **row)
 

@@ -15,6 +15,7 @@ from db.record import begin_pipeline_run, finish_pipeline_run, software_versions
 from db.store import session_scope, upgrade
 from flows.settings import Settings, pseudonym_key
 from flows.steps import RunContext, engine_for, prefect_ids
+from flows.tree_lock import output_tree_lock
 
 
 def pseudonym_secret(settings: Settings) -> SecretStr:
@@ -61,8 +62,17 @@ def pipeline_run(
 ) -> Iterator[tuple[RunContext, RunHandle]]:
     """Migrate the database, record a running pipeline run, and close it with its outcome.
 
-    An exception inside the block marks the run ``failed`` (with the error) and re-raises.
+    Holds the output tree's lock (:mod:`flows.tree_lock`) for the whole run: a second run on
+    the same output tree stops at once with :class:`flows.tree_lock.OutputTreeBusy`. An
+    exception inside the block marks the run ``failed`` (with the error) and re-raises.
     """
+    with output_tree_lock(settings.output_root):
+        yield from _pipeline_run(settings, command=command, force=force, force_steps=force_steps)
+
+
+def _pipeline_run(
+    settings: Settings, *, command: str, force: bool, force_steps: list[str] | None
+) -> Iterator[tuple[RunContext, RunHandle]]:
     url = settings.resolved_database_url
     settings.output_root.mkdir(parents=True, exist_ok=True)
     upgrade(url)

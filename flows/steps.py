@@ -107,6 +107,10 @@ def cache_key(step: str, version: str, inputs: list[FileRef], parameters: Mappin
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _root(ctx: RunContext) -> Path:
+    return Path(ctx.output_root).resolve()
+
+
 def _intact(outputs: list[dict[str, Any]]) -> bool:
     """True if every recorded output still exists, is readable and not empty, with its
     recorded sha256. An empty file never counts (a full disk may have left one recorded,
@@ -168,6 +172,8 @@ def execute_step(
             hit = find_completed_step(session, patient_pseudo_id=patient, step=step, cache_key=key)
             outputs = list(hit.outputs) if hit is not None else None
             recorded = dict(hit.details or {}) if hit is not None else {}
+        if outputs is not None:  # recorded relative to the output root (or absolute, before)
+            outputs = [{**o, "path": str(_root(ctx) / o["path"])} for o in outputs]
         if outputs is not None and _intact(outputs):
             refs = tuple(FileRef(o["role"], o["path"], o["sha256"]) for o in outputs)
             details = cached_details(list(refs)) if cached_details else recorded
@@ -186,6 +192,7 @@ def execute_step(
         "prefect_flow_run_id": flow_id,
         "prefect_task_run_id": task_id,
         "host": socket.gethostname(),
+        "output_root": _root(ctx),
     }
     started = utcnow()
     try:

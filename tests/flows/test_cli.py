@@ -262,3 +262,40 @@ def test_a_prefect_command_works_without_a_home(tmp_path: Path) -> None:
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "0 patients, 0 failed" in done.stdout
     assert (out / ".prefect" / "prefect.db").is_file()
+
+
+def test_second_run_on_one_output_tree_stops_at_start(tmp_path: Path, capsys) -> None:
+    """One run at a time per output tree; the lock goes with its process, even on kill -9."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flows.tree_lock import LOCK_NAME, output_tree_lock
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from flows.tree_lock import "
+            "output_tree_lock\nwith output_tree_lock(Path(sys.argv[1])):\n"
+            "    print('held', flush=True); time.sleep(120)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "cohort").mkdir()
+        assert main(["ingest", str(tmp_path / "cohort"), "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "another pipeline run is using the output tree" in err and f"pid {holder.pid}" in err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    start = time.monotonic()
+    with output_tree_lock(out):  # free again: the kernel released the killed holder's lock
+        assert (out / LOCK_NAME).read_text().startswith(f"pid {os.getpid()}")
+    assert time.monotonic() - start < 1

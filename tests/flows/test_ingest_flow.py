@@ -178,3 +178,32 @@ def test_chain_adc_matches_the_phantom_truth(demo) -> None:
     print("median abs relative ADC error per exam:", [f"{e:.3f}" for e in errors])
     assert float(np.median(errors)) <= 0.03
     assert max(errors) <= 0.04
+
+
+def test_reingest_replaces_series_rows(demo, tmp_path: Path) -> None:
+    """A forced re-ingest records each exam's series again instead of adding a second set."""
+    out, _ = demo
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    db = copy / "provenance.sqlite"
+    before = len(_rows(db, "series"))
+    ingest_flow(root=str(copy / "demo-cohort" / "dicom"), output_root=str(copy), force=True)
+    assert len(_rows(db, "series")) == before
+    assert len(_rows(db, "study")) == 4
+
+
+def test_moved_output_tree_is_a_cache_hit(demo, tmp_path: Path) -> None:
+    """Step outputs are recorded relative to the output root: a moved tree stays valid."""
+    out, _ = demo
+    moved = tmp_path / "elsewhere" / "out"
+    shutil.copytree(out, tmp_path / "copy")
+    moved.parent.mkdir(parents=True)
+    (tmp_path / "copy").rename(moved)
+    db = moved / "provenance.sqlite"
+    before = len(_rows(db, "step_run"))
+    stored = [o["path"] for r in _rows(db, "step_run") for o in json.loads(r["outputs"])]
+    assert stored and not any(Path(p).is_absolute() for p in stored)
+    again = demo_flow(patients=4, seed=0, output_root=str(moved))
+    assert all(p["cached"] for p in again["patients"])
+    assert len(_rows(db, "step_run")) == before  # nothing recomputed, nothing re-recorded
+    assert all(str(moved) in p for p in again["patients"][0]["outputs"].values())

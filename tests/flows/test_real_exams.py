@@ -73,13 +73,13 @@ def test_registration_never_worse_than_identity(real_run: dict, exam: str) -> No
     details = row["details"]
     print(f"\n{exam} registration: {details['accepted_stage']}: {details['reason']}")
     assert all(0.93 <= s <= 1.07 for s in details["scales"]), details
-    outputs = {o["role"]: o["path"] for o in row["outputs"]}
+    outputs = {o["role"]: str(real_run["out"] / o["path"]) for o in row["outputs"]}
     t2_to_dwi = load_transform(outputs["xfm_t2_to_dwi"])
     lowest = min(
         (r for r in outputs if r.endswith("_moco")), key=lambda r: float(r[5:].split("_")[0])
     )
     dwi = sitk.ReadImage(outputs[lowest], sitk.sitkFloat32)
-    (t2_input,) = [i["path"] for i in row["inputs"] if i["role"] == "t2w_n4"]
+    (t2_input,) = [str(real_run["out"] / i["path"]) for i in row["inputs"] if i["role"] == "t2w_n4"]
     t2 = sitk.ReadImage(t2_input, sitk.sitkFloat32)
     region = gland_region(_gland(real_run, exam), dwi, 10.0)
     ours = similarity(t2, dwi, t2_to_dwi, region)
@@ -93,7 +93,9 @@ def test_native_adc_agrees_with_the_scanner_map(real_run: dict, exam: str) -> No
     outputs = real_run["patients"][exam]["outputs"]
     adc = sitk.GetArrayFromImage(sitk.ReadImage(outputs["adc_native"])).astype(np.float64)
     ingest = _recorded(real_run, exam, "ingest")
-    (scanner_path,) = [o["path"] for o in ingest["outputs"] if o["role"] == "adc_scanner"]
+    (scanner_path,) = [
+        str(real_run["out"] / o["path"]) for o in ingest["outputs"] if o["role"] == "adc_scanner"
+    ]
     scanner_image = sitk.ReadImage(scanner_path, sitk.sitkFloat64)
     reference = sitk.ReadImage(outputs["adc_native"])
     assert scanner_image.GetSize() == reference.GetSize()
@@ -192,7 +194,7 @@ def test_picai_layout_runs_through_the_pipeline(real_run: dict, tmp_path: Path) 
     as ``<patient>_<study>_t2w|adc|hbv.mha``): every step completes or records why it was
     skipped, and the gland is that of the DICOM run within 10 %."""
     ingest = _recorded(real_run, "ProstateX-0000", "ingest")
-    images = {o["role"]: o["path"] for o in ingest["outputs"]}
+    images = {o["role"]: str(real_run["out"] / o["path"]) for o in ingest["outputs"]}
     root = tmp_path / "picai" / "11373"
     root.mkdir(parents=True)
     sitk.WriteImage(sitk.ReadImage(images["t2w_raw"]), str(root / "11373_1001396_t2w.mha"))
