@@ -41,6 +41,8 @@ from tasks.io import write_json_atomic, write_text_atomic
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
 def timed(function: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     """Run ``function``; return its result and wall / CPU seconds."""
     wall, cpu = time.perf_counter(), time.process_time()
