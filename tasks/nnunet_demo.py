@@ -46,6 +46,7 @@ import SimpleITK as sitk
 
 from tasks.errors import InputError
 from tasks.io import sha256_file, write_json_atomic, write_text_atomic
+from tasks.pseudonym import pseudonymous_id
 from tasks.segment import DEMO_MODEL_DIR, check_on_grid
 
 STEP = "nnunet_demo"
@@ -121,9 +122,10 @@ def pipeline_cases(
 ) -> list[TrainingCase]:
     """The training cases of a ``prostate-cohort demo`` run, sorted by synthetic exam.
 
-    Each exam's ``<P…>_<S…>_ingest.json`` names the DICOM series it used, whose first path
-    part is the synthetic exam (``SYN-0001``); its truth lies in
-    ``<output_root>/demo-cohort/truth/SYN-0001/<truth_file>``.
+    Nothing in the output tree names the synthetic exam (``SYN-0001``: a patient folder), so
+    each exam is found through the run's pseudonymisation key
+    (``<output_root>/.pseudonym-key``): its patient folder is the keyed hash of the exam
+    name. The truth lies in ``<output_root>/demo-cohort/truth/SYN-0001/<truth_file>``.
 
     Raises
     ------
@@ -131,20 +133,21 @@ def pipeline_cases(
         If the run has no exams, or an exam lacks an output or its truth.
     """
     output_root = Path(output_root)
+    key_file = output_root / ".pseudonym-key"
+    if not key_file.is_file():
+        raise InputError("the demo run's pseudonymisation key is missing", step=STEP, path=key_file)
+    key = key_file.read_text().strip()
+    truth_root = output_root / "demo-cohort" / "truth"
+    names = (
+        sorted(t.name for t in truth_root.iterdir() if t.is_dir()) if truth_root.is_dir() else []
+    )
+    by_patient = {pseudonymous_id(name, key): name for name in names}
     cases = []
     for ingest in sorted(output_root.glob("patients/*/*/*_ingest.json")):
         exam = ingest.parent
-        record = json.loads(ingest.read_text())
-        sources = {
-            str(s.get("source", "")).split("/")[0]
-            for s in record.get("series", [])
-            if s.get("kind") == "t2w"
-        }
-        if len(sources) != 1:
-            raise InputError(
-                f"cannot tell the synthetic exam from {sources}", path=ingest, step=STEP
-            )
-        syn = sources.pop()
+        syn = by_patient.get(exam.parent.name)
+        if syn is None:
+            raise InputError("no synthetic exam has this pseudonym", path=ingest, step=STEP)
         mask = output_root / "demo-cohort" / "truth" / syn / truth_file
         if not mask.is_file():
             raise InputError("ground truth missing", step=STEP, path=mask)
