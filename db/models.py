@@ -239,6 +239,9 @@ class StepRun(SQLModel, table=True):
     details: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     """What the step measured about its own result (JSON), e.g. the registration's
     accepted stage, similarities and scale factors, or the b-values a fit used."""
+    resources: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    """How the step ran, by dotted parameter path (``threads``, ``t2.threads``, ``device``):
+    provenance, not part of ``cache_key`` (see ``tasks.registry.RESOURCE_FIELDS``)."""
 
 
 class Artifact(SQLModel, table=True):

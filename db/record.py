@@ -192,6 +192,28 @@ def finish_pipeline_run(
     return run
 
 
+def close_interrupted_runs(session: Session, *, host: str | None, output_root: str) -> int:
+    """Mark ``failed`` the runs on ``host`` and ``output_root`` still recorded as running.
+
+    Call while holding the output tree's lock (:mod:`flows.tree_lock`): then no such run is
+    alive, so a ``running`` row is one whose process was killed before it could close it.
+    Returns the number of runs closed.
+    """
+    stale = session.exec(
+        select(PipelineRun).where(PipelineRun.status == "running", PipelineRun.host == host)
+    ).all()
+    closed = 0
+    for run in stale:
+        if (run.settings or {}).get("output_root") != output_root:
+            continue
+        run.status = "failed"
+        run.ended_at = utcnow()
+        run.summary = {"error": "interrupted: the process ended before it closed the run"}
+        closed += 1
+    session.flush()
+    return closed
+
+
 def record_step_run(
     session: Session,
     *,
@@ -213,6 +235,7 @@ def record_step_run(
     error: str | None = None,
     error_type: str | None = None,
     details: Mapping[str, Any] | None = None,
+    resources: Mapping[str, Any] | None = None,
     output_root: Path | None = None,
 ) -> StepRun:
     """Add one step run (``duration_s`` computed) and, if completed, its output artifacts.
@@ -247,6 +270,7 @@ def record_step_run(
         "inputs": _under(_files(inputs, "inputs"), output_root),
         "outputs": _under(produced, output_root),
         "details": None if details is None else _json(dict(details), "details"),
+        "resources": None if resources is None else _json(dict(resources), "resources"),
     }
     patient = None if patient_pseudo_id is None else ensure_patient(session, patient_pseudo_id)
     run = StepRun(

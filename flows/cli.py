@@ -17,6 +17,7 @@ from typing import Any
 
 from flows.settings import KEY_FILE_NAME, Settings, SettingsError, load_settings, pseudonym_key
 from flows.tree_lock import OutputTreeBusy, output_tree_lock
+from tasks.registry import step_names
 
 DESCRIPTION = """\
 Process a cohort of prostate multiparametric MRI exams: ingest DICOM/NIfTI/MHA, standardise
@@ -66,36 +67,14 @@ _DATABASE_COMMANDS = frozenset(
 def _check_before_work(args: argparse.Namespace, settings: Settings) -> None:
     """Stop at start, before any work, on a database or segmentation model that cannot be
     used (:class:`SettingsError`, exit code 2)."""
+    from flows.checks import check_database, check_models
+
     if args.command in _DATABASE_COMMANDS:
-        from db.store import check_connection
-
-        try:
-            check_connection(settings.resolved_database_url)
-        except ValueError as error:
-            raise SettingsError(f"database_url: {error}") from None
+        check_database(settings)
     if args.command in ("run", "demo"):
+        _prefect_defaults()  # flows.segment imports Prefect
         specs = getattr(args, "model", None) or [settings.segmentation.model]
-        _check_models(specs, settings, demo=args.command == "demo")
-
-
-def _check_models(specs: list[str], settings: Settings, *, demo: bool) -> None:
-    """Every model spec names a usable model (checked without loading a network)."""
-    _prefect_defaults()  # flows.segment imports Prefect
-    from flows.segment import resolve_models, segmentation_params
-    from tasks.errors import InputError
-    from tasks.segment import check_model
-
-    params = segmentation_params(settings.segmentation, settings.threads.per_worker())
-    for spec in specs:
-        for resolved in resolve_models([spec], demo=demo):
-            try:
-                check_model(resolved, params)
-            except InputError as error:
-                where = f" ({error.path})" if error.path and error.path != resolved else ""
-                hint = f"; {error.hint}" if error.hint else ""
-                raise SettingsError(
-                    f"segmentation.model (--model) {spec!r}: {error.problem}{where}{hint}"
-                ) from None
+        check_models(specs, settings, demo=args.command == "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--force-step",
         action="append",
+        choices=step_names(),
         metavar="STEP",
-        help="recompute this step even when cached (repeat; e.g. register, n4, segment)",
+        help=f"recompute this step even when cached (repeat): {', '.join(step_names())}",
     )
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -162,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force-step",
         action="append",
+        choices=step_names(),
         metavar="STEP",
-        help="recompute this step even when cached (repeat; e.g. register, n4, segment)",
+        help=f"recompute this step even when cached (repeat): {', '.join(step_names())}",
     )
     run.add_argument("--json", action="store_true", help="print one JSON object")
     _add_discovery_options(run)
@@ -304,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in _RUN_COMMANDS:
             return handler(args, settings)
         with output_tree_lock(settings.output_root):  # one run at a time per output tree
-            return handler(args, settings)
+            _prefect_defaults()
+            from flows.prefect_server import temporary_server
+
+            with temporary_server():  # ends with this process, even after kill -9
+                return handler(args, settings)
     except (SettingsError, OutputTreeBusy) as error:
         print(f"prostate-cohort: {error}", file=sys.stderr)
         return 2
@@ -539,7 +524,6 @@ def _run_flow(
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    _prefect_defaults()
     from flows.demo import demo_flow
 
     result = _run_flow(
@@ -558,7 +542,6 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     root, manifest = _cohort_source(args)
     load_settings(args.config, data_root=root)  # fail early on a bad ROOT
-    _prefect_defaults()
     from flows.cohort import cohort_flow
     from flows.runners import task_runner
 
@@ -588,7 +571,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    _prefect_defaults()
     from flows.evaluate import evaluate_flow
 
     result = evaluate_flow(
@@ -613,7 +595,6 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     root, manifest = _cohort_source(args)
     load_settings(args.config, data_root=root)  # fail early on a bad ROOT
-    _prefect_defaults()
     from flows.ingest import ingest_flow
     from flows.runners import task_runner
 

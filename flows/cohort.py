@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.states import State
 
+from flows.checks import check_database, check_models
 from flows.ingest import discover_cohort, ingest_exams, skipped_entries
 from flows.patient import process_exams
 from flows.report import final_state, publish_run
@@ -36,8 +37,10 @@ def cohort_flow(
     """Process every exam under ``root``; the result is ``{"patients": [...], "models": [...],
     "skipped": [...]}`` (``skipped``: the paths that hold no exam, for the terminal only).
 
-    The final state is ``Completed`` unless every patient failed (``flows.report``); its
-    message counts the failures by step. Artifacts: ``cohort-progress``, ``cohort-summary``.
+    Settings that cannot work (database, models: :mod:`flows.checks`) fail the run at
+    start. The final state is ``Completed`` unless every patient failed
+    (``flows.report``); its message counts the failures by step. Artifacts:
+    ``cohort-progress``, ``cohort-summary``.
 
     Parameters
     ----------
@@ -55,6 +58,8 @@ def cohort_flow(
     """
     settings = load_settings(config_file, data_root=root, output_root=output_root)
     specs = resolve_models(models or [settings.segmentation.model], demo=False)
+    check_database(settings)  # a deployment's run stops here, as the command line does
+    check_models(specs, settings, demo=False)
     command = f"run {root} " + " ".join(f"--model {m}" for m in specs)
     command += f" --manifest {manifest}" if manifest else ""
     command += " --follow-symlinks" if follow_symlinks else ""

@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NONE
+from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.states import State
 
+from flows.checks import check_database, check_models
 from flows.ingest import ingest_exams
 from flows.patient import process_exams
 from flows.report import final_state, publish_run
@@ -25,17 +25,16 @@ from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import resolve_models
 from flows.settings import load_settings
-from flows.steps import FileRef, RunContext, execute_step
+from flows.steps import FileRef, RunContext, execute_step, step_task
 from tasks.discover import discover_exams
 from tasks.pseudonym import pseudonymous_id
+from tasks.registry import SYNTHESIZE
 from tasks.synthetic import generate_exam, plan_exam
 
-STEP = "synthesize"
-STEP_VERSION = "1"
 DEMO_DIR = "demo-cohort"
 
 
-@task(name="synthesize", task_run_name="synthesize-{patient}", cache_policy=NONE)
+@step_task(SYNTHESIZE)
 def synthesize_exam_task(root: Path, seed: int, index: int, patient: str, ctx: RunContext) -> str:
     """Write synthetic exam ``index`` (DICOM + truth) unless an intact copy exists."""
     plan = plan_exam(seed, index)
@@ -47,8 +46,8 @@ def synthesize_exam_task(root: Path, seed: int, index: int, patient: str, ctx: R
     outcome = execute_step(
         ctx,
         patient=patient,
-        step=STEP,
-        version=STEP_VERSION,
+        step=SYNTHESIZE.name,
+        version=SYNTHESIZE.version,
         inputs=[],
         parameters={"seed": seed, "index": index},
         run=run,
@@ -75,6 +74,9 @@ def demo_flow(
     root = settings.output_root / DEMO_DIR
     logger = get_run_logger()
     command = f"demo --patients {n} --seed {seed}"
+    models = resolve_models([settings.segmentation.model], demo=True)
+    check_database(settings)
+    check_models(models, settings, demo=True)
     with pipeline_run(settings, command=command, force=force, force_steps=force_steps) as (
         ctx,
         run,
@@ -93,7 +95,6 @@ def demo_flow(
         )
         exams = discover_exams(root / "dicom")
         results = ingest_exams(exams, ctx, key, settings.steps.ingest)
-        models = resolve_models([settings.segmentation.model], demo=True)
         results = process_exams(results, ctx, settings, models)
         run.finish(results)
         publish_run(ctx, results, title=f"Demo run ({n} synthetic exams)")

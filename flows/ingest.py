@@ -15,8 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NONE
+from prefect import flow
 from prefect.logging import get_run_logger
 from pydantic import SecretStr
 from sqlmodel import Session
@@ -26,7 +25,7 @@ from flows.resources import apply_thread_limits
 from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.settings import IngestSettings, load_settings
-from flows.steps import FileRef, RunContext, execute_step, is_transient
+from flows.steps import FileRef, RunContext, execute_step, step_task
 from tasks.discover import Discovery, Exam, discover
 from tasks.errors import InputError
 from tasks.ingest import (
@@ -38,9 +37,8 @@ from tasks.ingest import (
     role_file,
 )
 from tasks.io import sha256_file, sha256_files, write_json_atomic
+from tasks.registry import INGEST
 
-STEP = "ingest"
-STEP_VERSION = "2"  # 2: nothing recorded names the exam folder (privacy)
 PATIENTS_DIR = "patients"
 
 
@@ -122,7 +120,7 @@ def ingest_one(
 
     def run() -> tuple[list[FileRef], dict[str, Any]]:
         if exam.problem:  # found by discovery; nothing of the exam is ingested
-            raise InputError(exam.problem, patient=patient, step=STEP, details={"found": []})
+            raise InputError(exam.problem, patient=patient, step=INGEST.name, details={"found": []})
         result: IngestResult = ingest_exam(
             exam, out_dir=out_dir, key=key.get_secret_value(), min_b_values=params.min_b_values
         )
@@ -131,7 +129,7 @@ def ingest_one(
             raise InputError(
                 result.error or "ingest failed",
                 patient=patient,
-                step=STEP,
+                step=INGEST.name,
                 details={"found": found},
             )
         data = result.to_dict()
@@ -149,8 +147,8 @@ def ingest_one(
     outcome = execute_step(
         ctx,
         patient=patient,
-        step=STEP,
-        version=STEP_VERSION,
+        step=INGEST.name,
+        version=INGEST.version,
         inputs=_source_files(exam),
         parameters=params.model_dump(mode="json"),
         run=run,
@@ -174,14 +172,7 @@ def ingest_role(series: dict[str, Any]) -> str:
     return f"{'dwi' if kind == 'dwi' else 'computed_dwi'}_b{label}_raw"
 
 
-@task(
-    name="ingest",
-    task_run_name="ingest-{patient}",
-    cache_policy=NONE,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=is_transient,
-)
+@step_task(INGEST)
 def ingest_exam_task(
     exam: Exam, patient: str, ctx: RunContext, key: SecretStr, params: IngestSettings
 ) -> dict[str, Any]:

@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
-from prefect import task
-from prefect.cache_policies import NONE
 
 from flows.resources import apply_thread_limits
-from flows.steps import FileRef, RunContext, execute_step, is_transient
+from flows.steps import FileRef, RunContext, execute_step, step_task
 from tasks.align import align_dwi_to_t2
 from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
 from tasks.chain import dwi_on_t2, fit_adc, fit_b1000, register_exam
@@ -45,8 +43,9 @@ from tasks.register import (
     resample_to_reference,
     save_transform,
 )
+from tasks.registry import ADC, B1000, DENOISE, N4, REGISTER, StepSpec
 
-B1000 = 1000.0
+B1000_S_MM2 = 1000.0
 _DWI_ROLE = re.compile(r"^dwi_b(?P<b>\d+(?:p\d+)?)(?:_|$)")
 
 
@@ -100,26 +99,25 @@ def dwi_refs(refs: list[FileRef]) -> dict[float, FileRef]:
 def _run(
     ctx: RunContext,
     patient: str,
-    step: str,
-    version: str,
+    spec: StepSpec,
     inputs: list[FileRef],
     params: dict[str, Any],
     work: Callable[[], tuple[list[FileRef], dict[str, Any]]],
 ) -> list[FileRef]:
     apply_thread_limits(ctx.threads)
     outcome = execute_step(
-        ctx, patient=patient, step=step, version=version, inputs=inputs, parameters=params, run=work
+        ctx,
+        patient=patient,
+        step=spec.name,
+        version=spec.version,
+        inputs=inputs,
+        parameters=params,
+        run=work,
     )
     return list(outcome.outputs)
 
 
-@task(
-    name="denoise",
-    task_run_name="denoise-{patient}",
-    cache_policy=NONE,
-    retries=1,
-    retry_condition_fn=is_transient,
-)
+@step_task(DENOISE)
 def denoise_task(
     patient: str,
     exam_dir: Path,
@@ -150,7 +148,7 @@ def denoise_task(
         return outputs, {}
 
     params = {"t2": t2_params.model_dump(mode="json"), "susan": susan.model_dump(mode="json")}
-    out = _run(ctx, patient, "denoise", "1", images.inputs(), params, work)
+    out = _run(ctx, patient, DENOISE, images.inputs(), params, work)
     return _next_images(out, images)
 
 
@@ -164,13 +162,7 @@ def _next_images(out: list[FileRef], before: ExamImages) -> ExamImages:
     )
 
 
-@task(
-    name="n4",
-    task_run_name="n4-{patient}",
-    cache_policy=NONE,
-    retries=1,
-    retry_condition_fn=is_transient,
-)
+@step_task(N4)
 def n4_task(
     patient: str, exam_dir: Path, images: ExamImages, ctx: RunContext, params: N4Params
 ) -> ExamImages:
@@ -207,7 +199,7 @@ def n4_task(
             outputs.append(FileRef.of(role, path))
         return outputs + [FileRef.of("dwi_biasfield", dwi_field_path)], {}
 
-    out = _run(ctx, patient, "n4", "1", images.inputs(), params.model_dump(mode="json"), work)
+    out = _run(ctx, patient, N4, images.inputs(), params.model_dump(mode="json"), work)
     return _next_images(out, images)
 
 
@@ -236,13 +228,7 @@ def _exam_prefix(exam_dir: Path) -> str:
     return f"{exam_dir.parent.name}_{exam_dir.name}"
 
 
-@task(
-    name="register",
-    task_run_name="register-{patient}",
-    cache_policy=NONE,
-    retries=1,
-    retry_condition_fn=is_transient,
-)
+@step_task(REGISTER)
 def register_task(
     patient: str, exam_dir: Path, images: ExamImages, ctx: RunContext, params: RegistrationParams
 ) -> RegisteredImages:
@@ -271,9 +257,7 @@ def register_task(
         outputs.append(FileRef.of("xfm_t2_to_dwi", tfm))
         return outputs, registered.alignment.details()
 
-    out = _run(
-        ctx, patient, "register", "2", [t2w, *images.dwi], params.model_dump(mode="json"), work
-    )
+    out = _run(ctx, patient, REGISTER, [t2w, *images.dwi], params.model_dump(mode="json"), work)
     return RegisteredImages(
         t2w=t2w,
         dwi=tuple(images.dwi),
@@ -300,7 +284,7 @@ def _register_hbv(
 ) -> RegisteredImages:
     """Registration of an exam without acquired DWI: the checked T2 <-> DWI alignment with
     the hbv as the DWI reference; no motion correction (one volume)."""
-    hbv = _hbv(images, "register")
+    hbv = _hbv(images, REGISTER.name)
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         alignment = align_dwi_to_t2(_read(images.t2w.path), _read(hbv.path), params=params)
@@ -310,7 +294,7 @@ def _register_hbv(
         return [FileRef.of("xfm_t2_to_dwi", tfm)], alignment.details() | {"skipped": skipped}
 
     inputs = [images.t2w, hbv]
-    out = _run(ctx, patient, "register", "2", inputs, params.model_dump(mode="json"), work)
+    out = _run(ctx, patient, REGISTER, inputs, params.model_dump(mode="json"), work)
     return RegisteredImages(
         t2w=images.t2w,
         dwi=(),
@@ -341,13 +325,7 @@ def _load_registered(
     return moco, dwi_on_t2(native, motion, t2_to_dwi, t2, threads=threads), t2
 
 
-@task(
-    name="standardize-b1000",
-    task_run_name="b1000-{patient}",
-    cache_policy=NONE,
-    retries=1,
-    retry_condition_fn=is_transient,
-)
+@step_task(B1000)
 def standardize_task(
     patient: str, exam_dir: Path, images: RegisteredImages, ctx: RunContext, params: DwiFitParams
 ) -> RegisteredImages:
@@ -362,22 +340,16 @@ def standardize_task(
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         moco, on_t2, _ = _load_registered(images, ctx.threads)
         native, t2_grid, info = fit_b1000(moco, on_t2, params=params)
-        path = derivative_path(exam_dir, datatype="dwi", desc="standardized", suffix="dwi", b=B1000)
+        path = derivative_path(
+            exam_dir, datatype="dwi", desc="standardized", suffix="dwi", b=B1000_S_MM2
+        )
         write_image_atomic(native, path)
         on_t2_path = exam_dir / "dwi" / f"{_exam_prefix(exam_dir)}_space-T2w_b1000_dwi.nii.gz"
         write_image_atomic(t2_grid, on_t2_path)
         outputs = [FileRef.of("b1000_native", path), FileRef.of("dwi_b1000", on_t2_path)]
         return outputs, info
 
-    out = _run(
-        ctx,
-        patient,
-        "standardize_b1000",
-        "2",
-        images.inputs(),
-        params.model_dump(mode="json"),
-        work,
-    )
+    out = _run(ctx, patient, B1000, images.inputs(), params.model_dump(mode="json"), work)
     return replace(images, dwi_b1000=next(r for r in out if r.role == "dwi_b1000"))
 
 
@@ -395,14 +367,14 @@ def _stand_in(
     ctx: RunContext,
     params: DwiFitParams,
     *,
-    step: str,
+    spec: StepSpec,
     source: FileRef,
     name: str,
     role: str,
     method: str,
     why: str,
 ) -> FileRef:
-    """An exam without acquired b-values: ``step`` records why it was skipped and writes
+    """An exam without acquired b-values: step ``spec`` records why it was skipped and writes
     ``source`` (the hbv or the scanner ADC) on the T2 grid as its output ``role``."""
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
@@ -411,7 +383,7 @@ def _stand_in(
         return [FileRef.of(role, path)], {"method": method, "skipped": why}
 
     inputs = [images.t2w, source, images.t2_to_dwi]
-    return _run(ctx, patient, step, "2", inputs, params.model_dump(mode="json"), work)[0]
+    return _run(ctx, patient, spec, inputs, params.model_dump(mode="json"), work)[0]
 
 
 def _hbv_as_b1000(
@@ -424,8 +396,8 @@ def _hbv_as_b1000(
         images,
         ctx,
         params,
-        step="standardize_b1000",
-        source=_hbv(images, "standardize_b1000"),
+        spec=B1000,
+        source=_hbv(images, B1000.name),
         name="hbv",
         role="dwi_b1000",
         method="computed high b (hbv)",
@@ -440,14 +412,14 @@ def _scanner_adc(
     """No acquired b-values: the scanner's ADC map (mm²/s) stands for the fitted one."""
     adc = images.adc_scanner
     if adc is None or images.dwi_b1000 is None:
-        raise InputError(f"no ADC: {_NO_B_VALUES} and no scanner ADC map", step="adc")
+        raise InputError(f"no ADC: {_NO_B_VALUES} and no scanner ADC map", step=ADC.name)
     on_t2 = _stand_in(
         patient,
         exam_dir,
         images,
         ctx,
         params,
-        step="adc",
+        spec=ADC,
         source=adc,
         name="desc-scanner_adc",
         role="adc",
@@ -457,13 +429,7 @@ def _scanner_adc(
     return {"adc_native": adc, "adc": on_t2, "t2w": images.t2w, "dwi_b1000": images.dwi_b1000}
 
 
-@task(
-    name="adc",
-    task_run_name="adc-{patient}",
-    cache_policy=NONE,
-    retries=1,
-    retry_condition_fn=is_transient,
-)
+@step_task(ADC)
 def adc_task(
     patient: str, exam_dir: Path, images: RegisteredImages, ctx: RunContext, params: DwiFitParams
 ) -> dict[str, FileRef]:
@@ -487,5 +453,5 @@ def adc_task(
         outputs = [FileRef.of("adc_native", native_path), FileRef.of("adc", t2_path)]
         return outputs, {"fit_b_values": list(select_b_values(sorted(moco), params))}
 
-    out = _run(ctx, patient, "adc", "2", images.inputs(), params.model_dump(mode="json"), work)
+    out = _run(ctx, patient, ADC, images.inputs(), params.model_dump(mode="json"), work)
     return {r.role: r for r in out} | {"t2w": images.t2w, "dwi_b1000": images.dwi_b1000}

@@ -11,8 +11,14 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from db.record import begin_pipeline_run, finish_pipeline_run, software_versions
+from db.record import (
+    begin_pipeline_run,
+    close_interrupted_runs,
+    finish_pipeline_run,
+    software_versions,
+)
 from db.store import session_scope, upgrade
+from flows.checks import check_force_steps
 from flows.settings import Settings, pseudonym_key
 from flows.steps import RunContext, engine_for, prefect_ids
 from flows.tree_lock import output_tree_lock
@@ -63,9 +69,11 @@ def pipeline_run(
     """Migrate the database, record a running pipeline run, and close it with its outcome.
 
     Holds the output tree's lock (:mod:`flows.tree_lock`) for the whole run: a second run on
-    the same output tree stops at once with :class:`flows.tree_lock.OutputTreeBusy`. An
+    the same output tree stops at once with :class:`flows.tree_lock.OutputTreeBusy`, and a
+    run of this tree left ``running`` by a killed process is closed as ``failed``. An
     exception inside the block marks the run ``failed`` (with the error) and re-raises.
     """
+    check_force_steps(force_steps)
     with output_tree_lock(settings.output_root):
         yield from _pipeline_run(settings, command=command, force=force, force_steps=force_steps)
 
@@ -77,11 +85,15 @@ def _pipeline_run(
     settings.output_root.mkdir(parents=True, exist_ok=True)
     upgrade(url)
     engine = engine_for(url)
+    public = settings.public_dict()
     with session_scope(engine) as session:
+        close_interrupted_runs(
+            session, host=socket.gethostname(), output_root=public["output_root"]
+        )
         run = begin_pipeline_run(
             session,
             command=command,
-            settings=settings.public_dict(),
+            settings=public,
             software_versions=software_versions(),
             host=socket.gethostname(),
             prefect_flow_run_id=prefect_ids()[0],

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
-from prefect import task
-from prefect.cache_policies import NONE
 from sqlmodel import Session, select
 
 from db.models import Segmentation
@@ -31,7 +29,7 @@ from db.record import record_radiomics_features, record_segmentation
 from flows.gpu import gpu_slot
 from flows.resources import apply_thread_limits
 from flows.settings import SegmentationSettings
-from flows.steps import FileRef, RunContext, execute_step, is_transient
+from flows.steps import FileRef, RunContext, execute_step, step_task
 from tasks.errors import InputError
 from tasks.io import write_image_atomic, write_json_atomic, write_text_atomic
 from tasks.measure import (
@@ -41,6 +39,7 @@ from tasks.measure import (
     radiomics_settings_hash,
 )
 from tasks.qc import qc_figure
+from tasks.registry import QC, RADIOMICS, SEGMENT, StepSpec
 from tasks.segment import SegmentationInputs, SegmentationParams, get_backend
 
 #: T2-grid images a backend may read, by role.
@@ -93,13 +92,7 @@ def _masks(labels: sitk.Image, names: dict[int, str]) -> dict[str, tuple[sitk.Im
     return masks
 
 
-@task(
-    name="segment",
-    task_run_name="segment-{model}-{patient}",
-    cache_policy=NONE,
-    retries=1,
-    retry_condition_fn=is_transient,
-)
+@step_task(SEGMENT)
 def segment_task(
     patient: str,
     exam_dir: Path,
@@ -121,7 +114,7 @@ def segment_task(
         backend = get_backend(model, params)
     except InputError as error:  # a missing or broken model: on record for this patient
         parameters = params.model_dump(mode="json") | {"model": label}
-        record_failure(ctx, patient, f"segment_{label}", inputs, parameters, error)
+        record_failure(ctx, patient, SEGMENT, label, inputs, parameters, error)
         raise
     path = exam_dir / "seg" / f"{_prefix(exam_dir)}_space-T2w_model-{label}_dseg.nii.gz"
     sidecar = path.with_name(path.name.replace(".nii.gz", ".json"))
@@ -175,8 +168,8 @@ def segment_task(
     outcome = execute_step(
         ctx,
         patient=patient,
-        step=f"segment_{label}",
-        version="1",
+        step=SEGMENT.recorded(label),
+        version=SEGMENT.version,
         inputs=inputs,
         parameters=parameters,
         run=work,
@@ -188,12 +181,14 @@ def segment_task(
 def record_failure(
     ctx: RunContext,
     patient: str,
-    step: str,
+    spec: StepSpec,
+    model: str,
     inputs: list[FileRef],
     parameters: dict[str, Any],
     error: Exception,
 ) -> None:
-    """Record ``error`` as a failed run of ``step`` (for failures before the step's work)."""
+    """Record ``error`` as a failed run of step ``spec`` for ``model`` (a failure before the
+    step's work)."""
 
     def fail() -> tuple[list[FileRef], dict[str, Any]]:
         raise error
@@ -202,8 +197,8 @@ def record_failure(
         execute_step(
             ctx,
             patient=patient,
-            step=step,
-            version="1",
+            step=spec.recorded(model),
+            version=spec.version,
             inputs=inputs,
             parameters=parameters,
             run=fail,
@@ -226,13 +221,7 @@ def _features_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-@task(
-    name="radiomics",
-    task_run_name="radiomics-{model}-{patient}",
-    cache_policy=NONE,
-    retries=1,
-    retry_condition_fn=is_transient,
-)
+@step_task(RADIOMICS)
 def radiomics_task(
     patient: str,
     exam_dir: Path,
@@ -310,8 +299,8 @@ def radiomics_task(
     outcome = execute_step(
         ctx,
         patient=patient,
-        step=f"radiomics_{label}",
-        version="1",
+        step=RADIOMICS.recorded(label),
+        version=RADIOMICS.version,
         inputs=inputs,
         parameters={"model": label, "settings": settings},
         run=work,
@@ -320,7 +309,7 @@ def radiomics_task(
     return outcome.outputs[0]
 
 
-@task(name="qc", task_run_name="qc-{model}-{patient}", cache_policy=NONE)
+@step_task(QC)
 def qc_task(
     patient: str,
     exam_dir: Path,
@@ -345,8 +334,8 @@ def qc_task(
     outcome = execute_step(
         ctx,
         patient=patient,
-        step=f"qc_{label}",
-        version="1",
+        step=QC.recorded(label),
+        version=QC.version,
         inputs=[t2w, segmentation["mask"]],
         parameters={"model": label},
         run=work,

@@ -3,7 +3,8 @@
 Every step goes through :func:`execute_step`:
 
 1. its cache key is computed from the step name and version, the sha256 of every input
-   file and the step's parameters (JSON) — the same key the provenance database records;
+   file and the step's parameters (JSON) without its resources (threads, device: recorded
+   apart, :data:`tasks.registry.RESOURCE_FIELDS`) — the key the database records;
 2. if a completed run with that key exists and all its output files are still on disk,
    not empty, with the recorded sha256, the step is skipped (``status="cached"``; nothing
    is written);
@@ -33,6 +34,7 @@ from db.record import find_completed_step, record_step_run, software_versions
 from db.store import make_engine, session_scope
 from tasks.errors import InputError, TransientError
 from tasks.io import sha256_file
+from tasks.registry import StepSpec, split_resources
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ def execute_step(
     cached_details
         Rebuilds ``details`` from the outputs on a cache hit (e.g. reads a JSON sidecar).
     """
+    parameters, resources = split_resources(parameters)  # how it runs is not what it makes
     key = cache_key(step, version, inputs, parameters)
     engine = engine_for(ctx.database_url)
     if not ctx.forces(step):
@@ -193,6 +196,7 @@ def execute_step(
         "prefect_task_run_id": task_id,
         "host": socket.gethostname(),
         "output_root": _root(ctx),
+        "resources": resources or None,
     }
     started = utcnow()
     try:
@@ -224,6 +228,23 @@ def execute_step(
         if on_record is not None:
             on_record(session, row.id)
     return StepOutcome("completed", tuple(produced), key, details)
+
+
+def step_task(spec: StepSpec) -> Callable[[Callable[..., Any]], Any]:
+    """The Prefect task decorator of a step: its registry name, task-run names, and retries
+    of transient failures (Prefect's own result caching is off: :func:`execute_step`
+    caches)."""
+    from prefect import task
+    from prefect.cache_policies import NONE
+
+    return task(
+        name=spec.name,
+        task_run_name=spec.task_run_name,
+        cache_policy=NONE,
+        retries=spec.retries,
+        retry_delay_seconds=spec.retry_delay_s,
+        retry_condition_fn=is_transient if spec.retries else None,
+    )
 
 
 def is_transient(_task: Any, _task_run: Any, state: Any) -> bool:

@@ -52,7 +52,7 @@ def test_models_define_the_expected_tables():
 def test_upgrade_to_head_creates_every_table(db_url):
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0004"
+    assert current_revision(db_url) == head_revision() == "0005"
     assert _tables(db_url) == TABLES | {"alembic_version"}
 
 
@@ -116,7 +116,7 @@ def test_0004_removes_exam_folder_names(db_url):
     upgrade no column holds it, and series are named relative to the exam."""
     from datetime import UTC, datetime
 
-    from db.models import Patient, PipelineRun, Series, StepRun, Study
+    from db.models import Patient, PipelineRun, Series, Study
     from db.store import session_scope
 
     folder = "ProstateX-0000/07-07-2011"
@@ -151,18 +151,17 @@ def test_0004_removes_exam_folder_names(db_url):
             )
         )
         inputs = [{"role": "source", "path": f"/data/{folder}/4-t2/1.dcm", "sha256": "a" * 64}]
-        session.add(
-            StepRun(
-                patient_id=patient.id,
-                step="ingest",
-                step_version="1",
-                status="failed",
-                started_at=now,
-                cache_key="k",
-                inputs=inputs,
-                error=f"{folder}: no usable DWI series",
-                details={"note": "ProstateX-0000 has no DWI"},
-            )
+        _insert_step_run(
+            session,
+            patient_id=patient.id,
+            step="ingest",
+            step_version="1",
+            status="failed",
+            started_at=now,
+            cache_key="k",
+            inputs=inputs,
+            error=f"{folder}: no usable DWI series",
+            details={"note": "ProstateX-0000 has no DWI"},
         )
         session.add(
             PipelineRun(
@@ -185,3 +184,86 @@ def test_0004_removes_exam_folder_names(db_url):
     assert "ProstateX-0000" not in dump and "07-07-2011" not in dump and "1234" not in dump
     assert sources == ["4-t2", "t2w.mha"]
     assert "exam/4-t2/1.dcm" in dump and "<exam>: no usable DWI series" in dump
+
+
+def _insert_step_run(session, **values) -> int:
+    """A ``step_run`` row written with the columns of an older revision (the ORM model has
+    the newest columns)."""
+    import json
+
+    from sqlalchemy import text
+
+    columns = {"parameters": {}, "software_versions": {}, "inputs": [], "outputs": []} | values
+    for name in ("parameters", "software_versions", "inputs", "outputs", "details"):
+        if name in columns and columns[name] is not None:
+            columns[name] = json.dumps(columns[name])
+    names = ", ".join(columns)
+    marks = ", ".join(f":{name}" for name in columns)
+    result = session.execute(
+        text(f"INSERT INTO step_run ({names}) VALUES ({marks}) RETURNING id"), columns
+    )
+    return result.scalar_one()
+
+
+def test_0005_moves_resources_out_of_the_cache_key(db_url):
+    """Threads and device leave the parameters for ``resources``; the b1000 step gets its one
+    name; every cache key is what the pipeline computes now, so finished work stays cached;
+    the downgrade restores the rows."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    from db.models import Patient
+    from db.store import session_scope
+    from flows.steps import FileRef, cache_key
+
+    upgrade(db_url, "0004")
+    engine = make_engine(db_url)
+    inputs = [{"role": "dwi_b800_moco", "path": "a.nii.gz", "sha256": "a" * 64}]
+    params = {"estimator": "ols", "threads": 2, "t2": {"iterations": 5, "threads": 2}}
+    with session_scope(engine) as session:
+        patient = Patient(pseudo_id="P000000000001")
+        session.add(patient)
+        session.flush()
+        run_id = _insert_step_run(
+            session,
+            patient_id=patient.id,
+            step="standardize_b1000",
+            step_version="2",
+            status="completed",
+            started_at=datetime.now(UTC),
+            cache_key="old",
+            inputs=inputs,
+            parameters=params,
+        )
+    engine.dispose()
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT step, parameters, resources, cache_key FROM step_run WHERE id = :i"),
+            {"i": run_id},
+        ).one()
+    engine.dispose()
+    step, parameters, resources, key = (_loaded(v) for v in row)
+    assert step == "b1000"
+    assert parameters == {"estimator": "ols", "t2": {"iterations": 5}}
+    assert resources == {"threads": 2, "t2.threads": 2}
+    refs = [FileRef(i["role"], i["path"], i["sha256"]) for i in inputs]
+    assert key == cache_key("b1000", "2", refs, parameters)
+
+    downgrade(db_url, "0004")
+    engine = make_engine(db_url)
+    with engine.connect() as connection:
+        step, parameters = connection.execute(
+            text("SELECT step, parameters FROM step_run WHERE id = :i"), {"i": run_id}
+        ).one()
+    engine.dispose()
+    assert (step, _loaded(parameters)) == ("standardize_b1000", params)
+
+
+def _loaded(value):
+    import json
+
+    return json.loads(value) if isinstance(value, str) and value[:1] in "{[" else value

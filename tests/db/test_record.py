@@ -427,3 +427,22 @@ def test_ensure_patient_survives_a_concurrent_insert(db_engine):
         _step(s, patient="sub-race")  # the transaction is still usable
     with session_scope(db_engine) as s:
         assert _count(s, Patient) == 1 and _count(s, StepRun) == 1
+
+
+def test_close_interrupted_runs_closes_only_this_trees_runs_on_this_host(db_engine) -> None:
+    begin, close = record.begin_pipeline_run, record.close_interrupted_runs
+    with Session(db_engine) as s:
+        mine = begin(
+            s, command="run", settings={"output_root": "/out/a"}, software_versions={}, host="h1"
+        ).id
+        other_tree = begin(
+            s, command="run", settings={"output_root": "/out/b"}, software_versions={}, host="h1"
+        ).id
+        other_host = begin(
+            s, command="run", settings={"output_root": "/out/a"}, software_versions={}, host="h2"
+        ).id
+        assert close(s, host="h1", output_root="/out/a") == 1
+        s.commit()
+        status = {r.id: r.status for r in s.exec(select(PipelineRun)).all()}
+        assert status == {mine: "failed", other_tree: "running", other_host: "running"}
+        assert "interrupted" in s.get(PipelineRun, mine).summary["error"]

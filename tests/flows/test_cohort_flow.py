@@ -68,3 +68,36 @@ def test_every_exam_broken_is_a_failed_run(tmp_path: Path) -> None:
     )
     assert state.is_failed()
     assert state.message == "no exams found"
+
+
+def test_another_worker_count_reuses_every_finished_step(
+    demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads and device are resources, not parameters: the demo run again with another
+    worker and thread count records no new completed step."""
+    import sqlite3
+
+    from flows.demo import demo_flow
+    from flows.settings import load_settings
+
+    demo_out, _ = demo
+    out = tmp_path / "out"
+    shutil.copytree(demo_out, out)
+    db = out / "provenance.sqlite"
+    query = "SELECT count(*) FROM step_run WHERE status = 'completed'"
+    with sqlite3.connect(db) as connection:
+        before = connection.execute(query).fetchone()[0]
+        threads = connection.execute(
+            "SELECT DISTINCT json_extract(resources, '$.threads') FROM step_run "
+            "WHERE step = 'n4'"
+        ).fetchall()
+    (first,) = {row[0] for row in threads}
+    workers, per_worker = (1, 2) if first == 1 else (2, 1)  # fits the 2 cores of CI
+    monkeypatch.setenv("PROSTATE_COHORT_THREADS__WORKERS", str(workers))
+    monkeypatch.setenv("PROSTATE_COHORT_THREADS__THREADS_PER_WORKER", str(per_worker))
+    assert load_settings().threads.per_worker() == per_worker != first
+    state = demo_flow(patients=4, seed=0, output_root=str(out), return_state=True)
+    assert state.is_completed()
+    with sqlite3.connect(db) as connection:
+        after = connection.execute(query).fetchone()[0]
+    assert after == before

@@ -39,7 +39,7 @@ def test_demo_generates_and_ingests_every_patient(demo) -> None:
     assert [p["status"] for p in result["patients"]] == ["ok"] * 4
     db = out / "provenance.sqlite"
     steps = _rows(db, "step_run")
-    chain = ["adc", "denoise", "ingest", "n4", "register", "standardize_b1000", "synthesize"]
+    chain = ["adc", "denoise", "ingest", "n4", "register", "b1000", "synthesize"]
     chain += ["segment_demo", "radiomics_demo", "qc_demo"]
     assert sorted(s["step"] for s in steps) == sorted(chain * 4)
     assert all(s["status"] == "completed" and s["cache_key"] for s in steps)

@@ -108,10 +108,10 @@ def test_native_adc_agrees_with_the_scanner_map(real_run: dict, exam: str) -> No
 
 
 def test_fits_use_one_acquisition(real_run: dict) -> None:
-    b1000 = {exam: _recorded(real_run, exam, "standardize_b1000")["details"] for exam in REFERENCE}
+    b1000 = {exam: _recorded(real_run, exam, "b1000")["details"] for exam in REFERENCE}
     assert b1000["ProstateX-0000"]["method"] == "extrapolated"
     assert b1000["ProstateX-0000"]["acquired_b"] == [50.0, 400.0, 800.0]
-    other = _recorded(real_run, "ProstateX-0218", "standardize_b1000")["details"]
+    other = _recorded(real_run, "ProstateX-0218", "b1000")["details"]
     assert other["acquired_b"] == [0.0, 100.0, 400.0, 800.0]  # series 8 alone
     assert other["fit_b_values"] == [100.0, 400.0, 800.0]
     adc = _recorded(real_run, "ProstateX-0218", "adc")["details"]
@@ -212,8 +212,8 @@ def test_picai_layout_runs_through_the_pipeline(real_run: dict, tmp_path: Path) 
         runs = step_runs(session)
     assert set(runs.status) == {"completed"}
     by_step = {row["step"]: row["details"] or {} for row in runs.to_dict("records")}
-    assert {"ingest", "denoise", "n4", "register", "standardize_b1000", "adc"} <= set(by_step)
-    for step in ("register", "standardize_b1000", "adc"):
+    assert {"ingest", "denoise", "n4", "register", "b1000", "adc"} <= set(by_step)
+    for step in ("register", "b1000", "adc"):
         assert "no acquired b-values" in by_step[step]["skipped"], by_step[step]
     assert all(0.93 <= s <= 1.07 for s in by_step["register"]["scales"])
     ours = _volume_ml(patient["outputs"]["mask"])

@@ -1,12 +1,14 @@
 """Resume after `kill -9`: the rerun does only the missing work and leaves no duplicates.
 
-The demo command runs in its own process group (its ephemeral Prefect server included); the
-test kills the whole group with SIGKILL once some steps are on record and others are not,
-then runs the same command again and compares the provenance database before and after.
+The demo command runs in its own process group; the test kills the command alone with
+SIGKILL once some steps are on record and others are not, checks that its temporary Prefect
+server ended with it, then runs the same command again and compares the provenance database
+before and after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -15,6 +17,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+import psutil
 
 from tasks.io import sha256_file
 
@@ -72,8 +76,12 @@ def test_rerun_after_kill_9_does_only_the_missing_work(tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "the demo run made no progress"
         time.sleep(0.5)
     assert process.poll() is None, "the run finished before it could be interrupted"
-    os.killpg(process.pid, signal.SIGKILL)  # the flow process and its Prefect server
+    process.kill()  # SIGKILL to the command alone: its temporary server must follow it
     process.wait()
+    try:
+        _assert_ends_within(_servers_of(process.pid), seconds=20)
+    finally:
+        _kill_group(process.pid)
     before = _completed(db)
     assert KILL_AFTER <= len(before) < PATIENTS * STEPS_PER_PATIENT
 
@@ -96,3 +104,30 @@ def test_rerun_after_kill_9_does_only_the_missing_work(tmp_path: Path) -> None:
     # No output on record is missing or half-written.
     for path, sha256 in _outputs(db):
         assert Path(path).is_file() and sha256_file(path) == sha256, path
+    # The killed run is closed as failed (interrupted) by the rerun, which completed.
+    with sqlite3.connect(db) as connection:
+        runs = connection.execute(
+            "SELECT status, summary FROM pipeline_run ORDER BY started_at"
+        ).fetchall()
+    assert [status for status, _ in runs] == ["failed", "completed"]
+    assert "interrupted" in runs[0][1]
+
+
+def _servers_of(parent_pid: int) -> list[psutil.Process]:
+    """The temporary Prefect server processes started by the command ``parent_pid``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "flows.prefect_server" in cmdline and str(parent_pid) in cmdline:
+            found.append(proc)
+    return found
+
+
+def _assert_ends_within(processes: list[psutil.Process], *, seconds: float) -> None:
+    _, alive = psutil.wait_procs(processes, timeout=seconds)
+    assert not alive, f"left running after kill -9 of their parent: {alive}"
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
