@@ -10,7 +10,7 @@ motion correction, all at the shipped defaults), then three T2 -> DWI maps are c
   = T2, whole field of view, no mask), the straightforward script's choice;
 * ``identity``: the scanner's coordinates.
 
-Phantom (``tasks.synthetic``, seed 0): mean target registration error (mm) over the gland's
+Phantom (``phantom.exam``, seed 0): mean target registration error (mm) over the gland's
 T2 voxel centres against the generator's exact transform. Real exams (``../shared/data``):
 normalised mutual information between the lowest-b DWI and the mapped T2 inside the gland
 dilated by 10 mm (:func:`tasks.align.similarity`, :func:`tasks.align.gland_region`; gland:
@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from tasks import synthetic
+from phantom.exam import generate_exam
+from phantom.plan import plan_exam
 from tasks.align import Alignment, gland_region, similarity
 from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
 from tasks.chain import register_exam
@@ -95,7 +96,7 @@ def scales(transform: sitk.Transform) -> list[float]:
 def phantom_rows(n: int, work: Path, params: RegistrationParams) -> list[dict[str, Any]]:
     rows = []
     for index in range(n):
-        generated = synthetic.generate_exam(work / "phantom", synthetic.plan_exam(0, index))
+        generated = generate_exam(work / "phantom", plan_exam(0, index))
         (exam,) = [
             e
             for e in discover_exams(work / "phantom" / "dicom")

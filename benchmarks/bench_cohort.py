@@ -1,7 +1,7 @@
 """Benchmark: per-patient cost of the whole pipeline vs the straightforward script, and the
 projection to a 1,386-patient cohort on this machine.
 
-One command measures, on synthetic exams (``tasks/synthetic.py`` phantoms, exact ground
+One command measures, on synthetic exams (``phantom/`` phantoms, exact ground
 truth) and on the real ProstateX exams in ``../shared/data/dicom`` when that folder exists,
 for every step (ingest, b1000, denoise, n4, register, adc, segment, volume, radiomics, qc)
 and every patient: wall time (s), CPU time (s; process time of all threads plus child
@@ -91,12 +91,13 @@ def real_exams(limit: int) -> list[dict[str, Any]]:
 def synthetic_exams(root: Path, n: int, seed: int) -> tuple[list[dict[str, Any]], float]:
     """Generate ``n`` phantoms (``plan_exam(seed, i)``); return the manifest rows and the
     generation wall time (s, not part of any chain)."""
-    from tasks import synthetic
+    from phantom.exam import generate_exam
+    from phantom.plan import plan_exam
 
     start = time.perf_counter()
     exams = []
     for index in range(n):
-        generated = synthetic.generate_exam(root, synthetic.plan_exam(seed, index))
+        generated = generate_exam(root, plan_exam(seed, index))
         exams.append(
             {
                 "name": generated.patient_folder,

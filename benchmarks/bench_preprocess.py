@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from tasks import synthetic
+from phantom.exam import generate_exam
+from phantom.plan import FAT, MUSCLE, TISSUES, plan_exam
 from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
 from tasks.discover import discover_exams
 from tasks.ingest import ingest_exam
@@ -78,13 +79,13 @@ def field_accuracy(field: sitk.Image, image: sitk.Image, corrected, truth: Path,
     true_log = np.log(_array(sitk.ReadImage(str(truth / f"{grid}_bias.nii.gz"))))
     body, log_field = tissue > 0, np.log(_array(field))
     x, y = log_field[body] - log_field[body].mean(), true_log[body] - true_log[body].mean()
-    label = synthetic.FAT if grid == "t2" else synthetic.MUSCLE
+    label = FAT if grid == "t2" else MUSCLE
     inside = tissue == label
     cv = [float(a[inside].std() / a[inside].mean()) for a in (_array(image), _array(corrected))]
     r = float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
     return {
         "r_log_field": round(r, 4),
-        "cv_tissue": synthetic.TISSUES[label].name,
+        "cv_tissue": TISSUES[label].name,
         "cv_before": round(cv[0], 4),
         "cv_after": round(cv[1], 4),
     }
@@ -147,7 +148,7 @@ def main() -> None:
         if real:
             exams.append((load_exam(DATA, real[0], root / "real"), None))
         for index in range(args.synthetic_exams):
-            generated = synthetic.generate_exam(root / "syn", synthetic.plan_exam(0, index))
+            generated = generate_exam(root / "syn", plan_exam(0, index))
             found = [
                 e
                 for e in discover_exams(root / "syn" / "dicom")

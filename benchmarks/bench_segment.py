@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_chain import load, run_chain, timed  # noqa: E402
 
 from flows.resources import apply_thread_limits  # noqa: E402
-from tasks import synthetic  # noqa: E402
+from phantom.exam import generate_exam  # noqa: E402
+from phantom.plan import plan_exam  # noqa: E402
 from tasks.io import write_json_atomic, write_text_atomic  # noqa: E402
 from tasks.segment import DEMO_MODEL_DIR, SegmentationInputs, SegmentationParams  # noqa: E402
 from tasks.segment_nnunet import NnUNetBackend  # noqa: E402
@@ -56,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for index in range(args.patients):
-            generated = synthetic.generate_exam(root / "syn", synthetic.plan_exam(0, index))
+            generated = generate_exam(root / "syn", plan_exam(0, index))
             images = load(root / "syn" / "dicom", generated.patient_folder + "/", root / "out")
             grid = run_chain(images, args.threads)["t2_grid"]
             cases.append((generated, SegmentationInputs(**grid)))

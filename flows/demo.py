@@ -26,10 +26,11 @@ from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import resolve_models
 from flows.settings import load_settings
 from flows.steps import FileRef, RunContext, execute_step, step_task
+from phantom.exam import generate_exam
+from phantom.plan import plan_exam
 from tasks.discover import discover_exams
 from tasks.pseudonym import pseudonymous_id
 from tasks.registry import SYNTHESIZE
-from tasks.synthetic import generate_exam, plan_exam
 
 DEMO_DIR = "demo-cohort"
 

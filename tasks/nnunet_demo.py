@@ -47,7 +47,8 @@ import SimpleITK as sitk
 from tasks.errors import InputError
 from tasks.io import sha256_file, write_json_atomic, write_text_atomic
 from tasks.pseudonym import pseudonymous_id
-from tasks.segment import DEMO_MODEL_DIR, check_on_grid
+from tasks.segment import DEMO_MODEL_DIR
+from tasks.segment_backend import check_on_grid
 
 STEP = "nnunet_demo"
 DATASET_ID = 731

@@ -71,7 +71,7 @@ def _load(reference: str) -> Any:
 
 
 SYNTHESIZE = StepSpec(
-    "synthesize", "1", "tasks.synthetic:generate_exam", None, ("truth_json",), retries=0
+    "synthesize", "1", "phantom.exam:generate_exam", None, ("truth_json",), retries=0
 )
 INGEST = StepSpec(
     "ingest",

@@ -32,7 +32,7 @@ import SimpleITK as sitk
 
 from tasks.errors import InputError
 from tasks.io import sha256_files
-from tasks.segment import (
+from tasks.segment_backend import (
     STEP,
     SegmentationInputs,
     SegmentationParams,

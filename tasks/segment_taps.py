@@ -40,7 +40,7 @@ import SimpleITK as sitk
 
 from tasks.errors import InputError
 from tasks.io import sha256_file
-from tasks.segment import (
+from tasks.segment_backend import (
     STEP,
     SegmentationInputs,
     SegmentationParams,

@@ -1,7 +1,7 @@
 """The checked T2 <-> DWI alignment: similarity, acceptance rule, stages, phantom truth.
 
 Phantom TRE is the mean distance (mm) over the T2 gland's voxel centres between the
-estimated and the generator's exact T2 -> DWI map (``inv(A)``, see ``tasks.synthetic``).
+estimated and the generator's exact T2 -> DWI map (``inv(A)``, see ``phantom.exam``).
 Real-exam checks of the accepted map run in ``tests/flows/test_real_exams.py``.
 """
 
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tasks import synthetic
+from phantom.exam import generate_exam
+from phantom.plan import plan_exam
 from tasks.align import (
     Candidate,
     align_dwi_to_t2,
@@ -83,7 +84,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     warm_up(PARAMS)
     cases = []
     for index in (0, 1):
-        generated = synthetic.generate_exam(root, synthetic.plan_exam(0, index))
+        generated = generate_exam(root, plan_exam(0, index))
         (exam,) = [
             e
             for e in discover_exams(root / "dicom")

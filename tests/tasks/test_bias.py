@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tasks import synthetic
+from phantom.exam import generate_exam
+from phantom.plan import FAT, MUSCLE, plan_exam
 from tasks.bias import (
     N4Params,
     correct_bias_dwi,
@@ -27,7 +28,6 @@ from tasks.discover import discover_exams
 from tasks.errors import InputError
 from tasks.ingest import ingest_exam
 
-FAT, MUSCLE = synthetic.FAT, synthetic.MUSCLE
 PARAMS = N4Params(threads=1)
 
 
@@ -49,7 +49,7 @@ def _cv(values: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def exam(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("bias")
-    generated = synthetic.generate_exam(root, synthetic.plan_exam(0, 0))
+    generated = generate_exam(root, plan_exam(0, 0))
     (found,) = discover_exams(root / "dicom")
     result = ingest_exam(found, out_dir=root / "out", key="k")
     assert result.status == "ok", result.error

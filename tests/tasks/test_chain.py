@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tasks import synthetic
+from phantom.exam import generate_exam
+from phantom.plan import plan_exam
 from tasks.chain import composed, fit_maps, register_exam
 from tasks.discover import discover_exams
 from tasks.dwi import DwiFitParams, standardize_b1000
@@ -28,9 +29,9 @@ FIT = DwiFitParams()
 @pytest.fixture(scope="module")
 def exam(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("chain")
-    plan = synthetic.plan_exam(0, 2)
+    plan = plan_exam(0, 2)
     assert 1000 not in plan.b_values  # the b1000 image must be extrapolated
-    generated = synthetic.generate_exam(root, plan)
+    generated = generate_exam(root, plan)
     (found,) = discover_exams(root / "dicom")
     result = ingest_exam(found, out_dir=root / "out", key="k")
     assert result.status == "ok", result.error

@@ -18,6 +18,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from phantom.exam import generate_exam
+from phantom.plan import MUSCLE, PZ, plan_exam
 from tasks.denoise import (
     SusanParams,
     T2DenoiseParams,
@@ -31,7 +33,6 @@ from tasks.denoise import (
 )
 from tasks.dicom_headers import read_headers
 from tasks.errors import InputError
-from tasks.synthetic import MUSCLE, PZ, generate_exam, plan_exam
 from tasks.volumes import build_dwi_volumes, build_volume
 
 # ------------------------------------------------------------------ literal FSL-style reference

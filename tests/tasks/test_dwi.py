@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from phantom.exam import generate_exam
+from phantom.plan import plan_exam
 from tasks.denoise import SusanParams, denoise_dwi
 from tasks.dicom_headers import read_headers
 from tasks.dwi import (
@@ -28,7 +30,6 @@ from tasks.dwi import (
 )
 from tasks.errors import InputError
 from tasks.ingest import adc_scale
-from tasks.synthetic import generate_exam, plan_exam
 from tasks.volumes import build_dwi_volumes, build_volume
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -8,12 +8,11 @@ import json
 import numpy as np
 import pytest
 
-synthetic = pytest.importorskip("tasks.synthetic", reason="tasks.synthetic is not available")
-
-from tasks.classify import select_series  # noqa: E402
-from tasks.dicom_headers import read_headers  # noqa: E402
-from tasks.discover import Exam, discover_exams  # noqa: E402
-from tasks.ingest import IngestResult, ingest_exam  # noqa: E402
+from phantom.exam import generate_cohort
+from tasks.classify import select_series
+from tasks.dicom_headers import read_headers
+from tasks.discover import Exam, discover_exams
+from tasks.ingest import IngestResult, ingest_exam
 
 # Exams 0-5 of cohort seed 0 cover every variant the generator has: Siemens interleaved with
 # (0019,100C) as IS (0) and as OB bytes (4); GE (0043,1039) with the 1e9 offset (1) and
@@ -26,7 +25,7 @@ VENDOR_SOURCE = {"siemens": "siemens", "ge": "ge", "philips": "philips", "standa
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Exam, dict, IngestResult]]:
     root = tmp_path_factory.mktemp("synthetic")
     out = root / "out"
-    synthetic.generate_cohort(root, N_EXAMS, seed=0)
+    generate_cohort(root, N_EXAMS, seed=0)
     exams = discover_exams(root / "dicom")
     cases = {}
     for exam in exams:

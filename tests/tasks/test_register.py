@@ -1,6 +1,6 @@
 """elastix registration against the synthetic generator's exact transforms.
 
-Truth convention (``tasks.synthetic``): a DWI voxel of volume b at physical point y samples
+Truth convention (``phantom.exam``): a DWI voxel of volume b at physical point y samples
 the anatomy at ``A @ M_b @ y``. So the motion transform (fixed = lowest b, moving = volume b)
 must equal ``inv(M_b)``, and the T2 -> DWI map of ``align_dwi_to_t2`` must equal ``inv(A)``.
 Target registration error (TRE) is the mean distance (mm) over the gland's voxel centres
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tasks import synthetic
+from phantom.exam import generate_exam
+from phantom.plan import plan_exam
 from tasks.align import align_dwi_to_t2
 from tasks.discover import discover_exams
 from tasks.errors import InputError
@@ -55,7 +56,7 @@ def exams(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     warm_up(PARAMS)  # the first ParameterObject of the process costs seconds: pay it once
     cases = []
     for index in (0, 1):
-        generated = synthetic.generate_exam(root, synthetic.plan_exam(0, index))
+        generated = generate_exam(root, plan_exam(0, index))
         (found,) = [
             e
             for e in discover_exams(root / "dicom")
@@ -150,7 +151,7 @@ def test_affine_tre_and_the_default_direction_is_the_better_one(exams, affine) -
 def test_affine_tre_on_exam_7_once_the_worst_case(tmp_path: Path) -> None:
     """Exam 7 was the worst case (1.8 mm, through-plane) of the unconstrained affine; the
     in-plane affine judged against the identity brings it under 1 mm."""
-    generated = synthetic.generate_exam(tmp_path, synthetic.plan_exam(0, 7))
+    generated = generate_exam(tmp_path, plan_exam(0, 7))
     (found,) = discover_exams(tmp_path / "dicom")
     result = ingest_exam(found, out_dir=tmp_path / "out", key="k")
     images = {r.kind + str(r.b_value): tmp_path / "out" / r.image for r in result.series}

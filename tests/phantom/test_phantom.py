@@ -1,4 +1,4 @@
-"""Tests for tasks.synthetic: determinism, real DICOM, vendor b-value tags, exact ground truth.
+"""Tests for the phantom: determinism, real DICOM, vendor b-value tags, exact ground truth.
 
 The DICOM is read back with SimpleITK and pydicom and the b-values with a small parser written
 here (not the module's writer), so the tests check what a consumer of the files would see.
@@ -18,10 +18,11 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
+from phantom.dicom import add_bvalue_tags
+from phantom.exam import SyntheticExam, generate_cohort, generate_exam
+from phantom.plan import VENDORS, plan_exam
 from tasks.errors import InputError
 from tasks.io import sha256_file
-from tasks.synthetic import VENDORS, SyntheticExam, generate_cohort, generate_exam, plan_exam
-from tasks.synthetic_dicom import add_bvalue_tags
 
 N_PATIENTS = 4
 B_TAGS = {

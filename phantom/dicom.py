@@ -1,6 +1,6 @@
 """Write synthetic MR volumes as real DICOM series: one MR Image Storage file per slice.
 
-This is the DICOM half of :mod:`tasks.synthetic` (anatomy and physics live there).
+This is the DICOM half of :mod:`phantom.exam` (anatomy and physics live there).
 
 Geometry
 --------
@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -52,11 +51,9 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from phantom.plan import ExamPlan
 from tasks.errors import InputError
 from tasks.io import write_bytes_atomic
-
-if TYPE_CHECKING:
-    from tasks.synthetic import ExamPlan
 
 GYROMAGNETIC_MHZ_PER_T = 42.577478
 GE_BVALUE_OFFSET = 1_000_000_000
@@ -258,6 +255,8 @@ VENDOR_STYLES: dict[str, VendorStyle] = {
 
 def dicom_uid(plan: ExamPlan, *parts: object) -> str:
     """Deterministic UID from the exam's (seed, index) and ``parts`` (e.g. "series", 4)."""
+    # "tasks.synthetic" is the phantom's old module path, kept as a literal so that every
+    # UID (and so every generated file) stays what it was before the move to phantom/.
     sources = ["tasks.synthetic", str(plan.seed), str(plan.index), *(str(p) for p in parts)]
     return generate_uid(entropy_srcs=sources)
 
