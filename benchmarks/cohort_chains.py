@@ -103,15 +103,13 @@ def ours_exam(exam: dict[str, Any], meter: Meter, work: Path, workers: int) -> d
 
     from flows.segment import RADIOMICS_IMAGES, segmentation_params
     from flows.settings import SegmentationSettings, StepSettings, ThreadSettings
-    from tasks.bias import correct_bias_dwi, correct_bias_n4
-    from tasks.chain import dwi_on_t2, fit_adc, fit_b1000, register_exam
-    from tasks.denoise import denoise_dwi, denoise_t2
+    from tasks.chain import ChainParams, preprocess_exam
     from tasks.measure import extract_radiomics, load_radiomics_settings, mask_volume_ml
     from tasks.qc import qc_figure
     from tasks.register import transform_to_matrix
     from tasks.segment import SegmentationInputs, get_backend
 
-    steps = StepSettings()
+    steps = StepSettings()  # the pipeline's defaults
     threads = ThreadSettings(workers=workers).per_worker()
     costs: dict[str, dict[str, float]] = {}
 
@@ -120,38 +118,18 @@ def ours_exam(exam: dict[str, Any], meter: Meter, work: Path, workers: int) -> d
         return result
 
     images = step("ingest", lambda: ingest(exam, work / "ingest"))
-    dwi = images["dwi"]
-    t2, dwi_all = step(
-        "denoise",
-        lambda: (
-            denoise_t2(images["t2"], params=steps.t2_denoise),
-            denoise_dwi(dwi, params=steps.susan),
-        ),
+    params = ChainParams(
+        t2_denoise=steps.t2_denoise,
+        susan=steps.susan,
+        n4=steps.n4,
+        registration=steps.registration,
+        dwi_fit=steps.dwi_fit,
     )
-    (t2_n4, t2_field), (dwi_n4, dwi_field) = step(
-        "n4",
-        lambda: (
-            correct_bias_n4(t2, params=steps.n4),
-            correct_bias_dwi(dwi_all, params=steps.n4),
-        ),
-    )
-    registered = step("register", lambda: register_exam(t2_n4, dwi_n4, params=steps.registration))
-    transforms, t2_to_dwi = registered.motion, registered.alignment.transform
-    on_t2 = {}
-
-    def b1000() -> sitk.Image:  # the pipeline's b1000 step: on both grids
-        on_t2.update(dwi_on_t2(dwi_n4, transforms, t2_to_dwi, t2_n4))
-        return fit_b1000(registered.moco, on_t2, params=steps.dwi_fit)[1]
-
-    b1000_t2 = step("b1000", b1000)
-    adc_native, adc_t2 = step(
-        "adc",
-        lambda: fit_adc(
-            registered.moco,
-            dwi_on_t2(dwi_n4, transforms, t2_to_dwi, t2_n4),
-            params=steps.dwi_fit,
-        ),
-    )
+    done = preprocess_exam(images["t2"], images["dwi"], params=params, threads=threads, step=step)
+    t2, dwi_all, bias = done.t2_denoised, done.dwi_denoised, done.bias
+    t2_n4, t2_field, dwi_n4, dwi_field = bias.t2, bias.t2_field, bias.dwi, bias.dwi_field
+    transforms, t2_to_dwi = done.registered.motion, done.registered.alignment.transform
+    b1000_t2, adc_native, adc_t2 = done.maps.b1000_t2, done.maps.adc_native, done.maps.adc_t2
     spec = _model_spec(exam)
     backend = get_backend(spec, segmentation_params(SegmentationSettings(), threads))
     inputs = SegmentationInputs(t2w=t2_n4, dwi_b1000=b1000_t2, adc=adc_t2)

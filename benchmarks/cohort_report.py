@@ -15,6 +15,7 @@ STEPS = (
     "denoise",
     "n4",
     "register",
+    "fit_maps",  # ours: b1000 and ADC in one stage (tasks.chain.preprocess_exam)
     "b1000",
     "adc",
     "segment",
@@ -137,7 +138,7 @@ def accuracy_tables(report: dict[str, Any]) -> list[str]:
     lines = []
     ours, naive = _by_kind(report, "ours", "synthetic"), _by_kind(report, "naive", "synthetic")
     lines += [
-        f"### Synthetic exams (mean over {len(ours)}; truth from `tasks/synthetic.py`)",
+        f"### Synthetic exams (mean over {len(ours)}; truth from `phantom/`)",
         "",
         "| metric | ours | naive |",
         "|---|---|---|",

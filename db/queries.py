@@ -151,6 +151,32 @@ WIDE_KEYS = (
 )
 
 
+def has_patient(session: Session, pseudo_id: str) -> bool:
+    """True when a patient with this pseudonymous id is on record."""
+    return session.exec(select(Patient).where(Patient.pseudo_id == pseudo_id)).first() is not None
+
+
+def segmentation_ids(session: Session, *, mask_sha256: str, model: str) -> dict[str, int]:
+    """``{label name: segmentation id}`` of one recorded mask (by content) of ``model``."""
+    rows = session.exec(
+        select(Segmentation).where(
+            Segmentation.mask_sha256 == mask_sha256, Segmentation.model == model
+        )
+    ).all()
+    return {row.label_name: row.id for row in rows}
+
+
+def latest_mask_paths(session: Session, patient: str) -> dict[str, str]:
+    """``{model: mask path}`` of the newest segmentation of each model of a patient."""
+    rows = session.exec(
+        select(Segmentation)
+        .join(Patient, Patient.id == Segmentation.patient_id)
+        .where(Patient.pseudo_id == patient)
+        .order_by(Segmentation.created_at)
+    ).all()
+    return {row.model: row.mask_path for row in rows}
+
+
 def wide_column(feature_class: str, feature: str) -> str:
     """Wide column of one feature: ``("glcm", "JointEnergy")`` -> ``"glcm_jointenergy"``.
 

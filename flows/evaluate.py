@@ -24,9 +24,9 @@ from typing import Any
 import SimpleITK as sitk
 from prefect import flow
 from prefect.logging import get_run_logger
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from db.models import Patient, Segmentation
+from db.queries import has_patient, latest_mask_paths
 from db.record import record_evaluation_metrics
 from db.store import session_scope
 from flows.runners import SettingsTaskRunner
@@ -34,6 +34,7 @@ from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import qc_figure_path
 from flows.settings import load_settings
 from flows.steps import engine_for
+from tasks.derivatives import derivative_path
 from tasks.errors import InputError
 from tasks.evaluate import (
     METRICS,
@@ -102,27 +103,19 @@ def _patient_of(session: Session, exam: str, key: str) -> str | None:
     No folder name is stored, so the key is the only way from a name to a patient.
     """
     pseudo = pseudonymous_id(exam, key)
-    if session.exec(select(Patient).where(Patient.pseudo_id == pseudo)).first():
-        return pseudo
-    return None
+    return pseudo if has_patient(session, pseudo) else None
 
 
 def _latest_masks(session: Session, patient: str) -> dict[str, str]:
     """``{model: mask path}`` of the newest segmentation of each model for a patient."""
-    rows = session.exec(
-        select(Segmentation)
-        .join(Patient, Patient.id == Segmentation.patient_id)
-        .where(Patient.pseudo_id == patient)
-        .order_by(Segmentation.created_at)
-    ).all()
-    return {row.model: row.mask_path for row in rows if Path(row.mask_path).is_file()}
+    found = latest_mask_paths(session, patient)
+    return {model: path for model, path in found.items() if Path(path).is_file()}
 
 
 def _t2_of(mask_path: str) -> Path | None:
-    """The preprocessed T2 beside a mask (``<exam>/anat/*_desc-n4_T2w.nii.gz``)."""
-    anat = Path(mask_path).parents[1] / "anat"
-    found = sorted(anat.glob("*_desc-n4_T2w.nii.gz"))
-    return found[0] if found else None
+    """The preprocessed T2 of the exam of a mask (``<exam>/anat/<p>_<s>_desc-n4_T2w``)."""
+    path = derivative_path(Path(mask_path).parents[1], "anat", suffix="T2w", desc="n4")
+    return path if path.is_file() else None
 
 
 def _evaluate_case(ref: Reference, patient: str, model: str, mask_path: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.settings import IngestSettings, load_settings
 from flows.steps import FileRef, RunContext, execute_step, step_task
+from tasks.derivatives import b_label, derivative_path
 from tasks.discover import Discovery, Exam, discover
 from tasks.errors import InputError
 from tasks.ingest import (
@@ -116,7 +117,9 @@ def ingest_one(
     """
     out_dir = ctx.output_root / PATIENTS_DIR
     _, session = exam_ids(exam, key.get_secret_value())
-    sidecar = out_dir / exam_dir(patient, session) / f"{patient}_{session}_ingest.json"
+    sidecar = derivative_path(
+        out_dir / exam_dir(patient, session), ".", suffix="ingest", extension=".json"
+    )
 
     def run() -> tuple[list[FileRef], dict[str, Any]]:
         if exam.problem:  # found by discovery; nothing of the exam is ingested
@@ -168,8 +171,7 @@ def ingest_role(series: dict[str, Any]) -> str:
         return "adc_scanner"
     if b is None:
         return kind
-    label = f"{b:g}".replace(".", "p")
-    return f"{'dwi' if kind == 'dwi' else 'computed_dwi'}_b{label}_raw"
+    return f"{'dwi' if kind == 'dwi' else 'computed_dwi'}_b{b_label(b)}_raw"
 
 
 @step_task(INGEST)

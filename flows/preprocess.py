@@ -3,15 +3,15 @@
 Order: denoising -> N4 -> registration (motion correction, checked T2 <-> DWI alignment)
 -> b-value standardisation -> ADC, so that every voxel-wise fit sees aligned b-volumes
 (:mod:`tasks.chain`). Each step reads the previous step's files, writes its own atomically
-and is cached and recorded through :func:`flows.steps.execute_step`. File names (BIDS-like
-entities)::
+and is cached and recorded through :func:`flows.steps.execute_step`. File names
+(:mod:`tasks.derivatives`)::
 
     <exam>/anat/<p>_<s>_desc-denoised_T2w.nii.gz            T2 after anisotropic diffusion
     <exam>/dwi/<p>_<s>_b<b>_desc-denoised_dwi.nii.gz        DWI after SUSAN
     <exam>/anat/<p>_<s>_desc-n4_T2w.nii.gz                  T2 after N4 (+ _desc-n4_biasfield)
     <exam>/dwi/<p>_<s>_b<b>_desc-n4_dwi.nii.gz              DWI after N4 (one field for all b)
     <exam>/dwi/<p>_<s>_b<b>_desc-moco_dwi.nii.gz            DWI on the lowest-b grid
-    <exam>/xfm/..._to-lowb.tfm, ..._from-T2w_to-dwi.tfm     ITK transforms (mm, LPS)
+    <exam>/xfm/<p>_<s>_b<b>_to-lowb.tfm, ..._from-T2w_to-dwi.tfm   ITK transforms (mm, LPS)
     <exam>/dwi/<p>_<s>_b1000_desc-standardized_dwi.nii.gz   b1000, lowest-b grid
     <exam>/dwi/<p>_<s>_space-T2w_b1000_dwi.nii.gz           b1000, T2 grid
     <exam>/dwi/<p>_<s>_desc-fit_adc.nii.gz                  ADC (mm²/s), lowest-b grid
@@ -31,9 +31,17 @@ import SimpleITK as sitk
 from flows.resources import apply_thread_limits
 from flows.steps import FileRef, RunContext, execute_step, step_task
 from tasks.align import align_dwi_to_t2
-from tasks.bias import N4Params, correct_bias_dwi, correct_bias_n4
-from tasks.chain import dwi_on_t2, fit_adc, fit_b1000, register_exam
-from tasks.denoise import SusanParams, T2DenoiseParams, denoise_dwi, denoise_t2
+from tasks.bias import N4Params
+from tasks.chain import (
+    correct_bias_exam,
+    denoise_exam,
+    dwi_on_t2,
+    fit_adc,
+    fit_b1000,
+    register_exam,
+)
+from tasks.denoise import SusanParams, T2DenoiseParams, denoise_dwi
+from tasks.derivatives import b_from_label, b_label, derivative_path
 from tasks.dwi import DwiFitParams, select_b_values
 from tasks.errors import InputError
 from tasks.io import write_image_atomic
@@ -68,20 +76,6 @@ class ExamImages:
         return [self.t2w, *self.dwi, *([self.hbv] if self.hbv else [])]
 
 
-def b_label(b: float) -> str:
-    """b-value as a file-name entity: 800 -> ``800``, 12.5 -> ``12p5``."""
-    return f"{b:g}".replace(".", "p")
-
-
-def derivative_path(
-    exam_dir: Path, *, datatype: str, desc: str, suffix: str, b: float | None = None
-) -> Path:
-    """The one place output names are made: ``<exam>/<datatype>/<p>_<s>[_b<b>]_desc-…``."""
-    prefix = f"{exam_dir.parent.name}_{exam_dir.name}"
-    b_part = f"_b{b_label(b)}" if b is not None else ""
-    return exam_dir / datatype / f"{prefix}{b_part}_desc-{desc}_{suffix}.nii.gz"
-
-
 def _read(path: str | Path) -> sitk.Image:
     return sitk.ReadImage(str(path), sitk.sitkFloat32)
 
@@ -92,7 +86,7 @@ def dwi_refs(refs: list[FileRef]) -> dict[float, FileRef]:
     for ref in refs:
         match = _DWI_ROLE.match(ref.role)
         if match:
-            out[float(match["b"].replace("p", "."))] = ref
+            out[b_from_label(match["b"])] = ref
     return out
 
 
@@ -130,12 +124,15 @@ def denoise_task(
     t2w, refs = images.t2w, dwi_refs(list(images.dwi))
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
-        t2_path = derivative_path(exam_dir, datatype="anat", desc="denoised", suffix="T2w")
-        write_image_atomic(denoise_t2(_read(t2w.path), params=t2_params), t2_path)
-        outputs = [FileRef.of("t2w_denoised", t2_path)]
-        volumes = (
-            denoise_dwi({b: _read(r.path) for b, r in refs.items()}, params=susan) if refs else {}
+        t2, volumes = denoise_exam(
+            _read(t2w.path),
+            {b: _read(r.path) for b, r in refs.items()},
+            t2_params=t2_params,
+            susan=susan,
         )
+        t2_path = derivative_path(exam_dir, datatype="anat", desc="denoised", suffix="T2w")
+        write_image_atomic(t2, t2_path)
+        outputs = [FileRef.of("t2w_denoised", t2_path)]
         for b, image in sorted(volumes.items()):
             path = derivative_path(exam_dir, datatype="dwi", desc="denoised", suffix="dwi", b=b)
             write_image_atomic(image, path)
@@ -170,31 +167,25 @@ def n4_task(
     t2w, refs = images.t2w, dwi_refs(list(images.dwi))
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
-        corrected, field = correct_bias_n4(_read(t2w.path), params=params)
+        # no acquired DWI (PI-CAI): the DWI field is fitted on the hbv itself
+        dwi = {b: _read(r.path) for b, r in refs.items()} or {
+            0.0: _read(_hbv(images, N4.name).path)
+        }
+        bias = correct_bias_exam(_read(t2w.path), dwi, params=params)
         t2_path = derivative_path(exam_dir, datatype="anat", desc="n4", suffix="T2w")
         field_path = derivative_path(exam_dir, datatype="anat", desc="n4", suffix="biasfield")
-        write_image_atomic(corrected, t2_path)
-        write_image_atomic(field, field_path)
+        write_image_atomic(bias.t2, t2_path)
+        write_image_atomic(bias.t2_field, field_path)
         outputs = [FileRef.of("t2w_n4", t2_path), FileRef.of("t2w_biasfield", field_path)]
-        if refs:
-            volumes, dwi_field = correct_bias_dwi(
-                {b: _read(r.path) for b, r in refs.items()}, params=params
-            )
-        else:  # no acquired DWI: the field is fitted on the hbv itself
-            volumes, dwi_field = correct_bias_dwi(
-                {0.0: _read(_hbv(images, "n4").path)}, params=params
-            )
         dwi_field_path = derivative_path(exam_dir, datatype="dwi", desc="n4", suffix="biasfield")
-        write_image_atomic(dwi_field, dwi_field_path)
-        for b, image in sorted(volumes.items()):
+        write_image_atomic(bias.dwi_field, dwi_field_path)
+        for b, image in sorted(bias.dwi.items()):
             if refs:
                 path = derivative_path(exam_dir, datatype="dwi", desc="n4", suffix="dwi", b=b)
                 role = f"dwi_b{b_label(b)}_n4"
             else:
-                path, role = (
-                    derivative_path(exam_dir, datatype="dwi", desc="n4", suffix="hbv"),
-                    "hbv_n4",
-                )
+                path = derivative_path(exam_dir, datatype="dwi", desc="n4", suffix="hbv")
+                role = "hbv_n4"
             write_image_atomic(image, path)
             outputs.append(FileRef.of(role, path))
         return outputs + [FileRef.of("dwi_biasfield", dwi_field_path)], {}
@@ -224,8 +215,12 @@ class RegisteredImages:
         return [self.t2w, *self.dwi, *self.moco, *self.motion, self.t2_to_dwi, *extra]
 
 
-def _exam_prefix(exam_dir: Path) -> str:
-    return f"{exam_dir.parent.name}_{exam_dir.name}"
+def _t2_to_dwi_path(exam_dir: Path) -> Path:
+    """The T2 -> DWI map (ITK, LPS): ``xfm/<p>_<s>_from-T2w_to-dwi.tfm``."""
+    return derivative_path(exam_dir, "xfm", suffix=None, extension=".tfm", to="dwi", **_FROM_T2)
+
+
+_FROM_T2 = {"from": "T2w"}  # "from" is a Python keyword
 
 
 @step_task(REGISTER)
@@ -249,10 +244,10 @@ def register_task(
             path = derivative_path(exam_dir, datatype="dwi", desc="moco", suffix="dwi", b=b)
             write_image_atomic(image, path)
             outputs.append(FileRef.of(f"dwi_b{b_label(b)}_moco", path))
-            tfm = exam_dir / "xfm" / f"{path.name.removesuffix('.nii.gz')}_to-lowb.tfm"
+            tfm = derivative_path(exam_dir, "xfm", suffix=None, extension=".tfm", b=b, to="lowb")
             save_transform(registered.motion[b], tfm)
             outputs.append(FileRef.of(f"xfm_b{b_label(b)}_to_lowb", tfm))
-        tfm = exam_dir / "xfm" / f"{_exam_prefix(exam_dir)}_from-T2w_to-dwi.tfm"
+        tfm = _t2_to_dwi_path(exam_dir)
         save_transform(registered.alignment.transform, tfm)
         outputs.append(FileRef.of("xfm_t2_to_dwi", tfm))
         return outputs, registered.alignment.details()
@@ -288,7 +283,7 @@ def _register_hbv(
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         alignment = align_dwi_to_t2(_read(images.t2w.path), _read(hbv.path), params=params)
-        tfm = exam_dir / "xfm" / f"{_exam_prefix(exam_dir)}_from-T2w_to-dwi.tfm"
+        tfm = _t2_to_dwi_path(exam_dir)
         save_transform(alignment.transform, tfm)
         skipped = f"motion correction skipped: {_NO_B_VALUES}; the hbv is the DWI reference"
         return [FileRef.of("xfm_t2_to_dwi", tfm)], alignment.details() | {"skipped": skipped}
@@ -318,7 +313,7 @@ def _load_registered(
     for ref in images.motion:
         match = _XFM_ROLE.match(ref.role)
         if match:
-            motion[float(match["b"].replace("p", "."))] = load_transform(ref.path)
+            motion[b_from_label(match["b"])] = load_transform(ref.path)
     native = {b: _read(r.path) for b, r in dwi_refs(list(images.dwi)).items()}
     t2 = _read(images.t2w.path)
     t2_to_dwi = load_transform(images.t2_to_dwi.path)
@@ -344,7 +339,7 @@ def standardize_task(
             exam_dir, datatype="dwi", desc="standardized", suffix="dwi", b=B1000_S_MM2
         )
         write_image_atomic(native, path)
-        on_t2_path = exam_dir / "dwi" / f"{_exam_prefix(exam_dir)}_space-T2w_b1000_dwi.nii.gz"
+        on_t2_path = derivative_path(exam_dir, "dwi", suffix="dwi", space="T2w", b=B1000_S_MM2)
         write_image_atomic(t2_grid, on_t2_path)
         outputs = [FileRef.of("b1000_native", path), FileRef.of("dwi_b1000", on_t2_path)]
         return outputs, info
@@ -369,7 +364,8 @@ def _stand_in(
     *,
     spec: StepSpec,
     source: FileRef,
-    name: str,
+    suffix: str,
+    desc: str | None,
     role: str,
     method: str,
     why: str,
@@ -378,7 +374,7 @@ def _stand_in(
     ``source`` (the hbv or the scanner ADC) on the T2 grid as its output ``role``."""
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
-        path = exam_dir / "dwi" / f"{_exam_prefix(exam_dir)}_space-T2w_{name}.nii.gz"
+        path = derivative_path(exam_dir, "dwi", suffix=suffix, space="T2w", desc=desc)
         write_image_atomic(_on_t2(source, images, ctx.threads), path)
         return [FileRef.of(role, path)], {"method": method, "skipped": why}
 
@@ -398,7 +394,8 @@ def _hbv_as_b1000(
         params,
         spec=B1000,
         source=_hbv(images, B1000.name),
-        name="hbv",
+        suffix="hbv",
+        desc=None,
         role="dwi_b1000",
         method="computed high b (hbv)",
         why=f"b1000 standardisation skipped: {_NO_B_VALUES}",
@@ -421,7 +418,8 @@ def _scanner_adc(
         params,
         spec=ADC,
         source=adc,
-        name="desc-scanner_adc",
+        suffix="adc",
+        desc="scanner",
         role="adc",
         method="scanner ADC map",
         why=f"ADC fit skipped: {_NO_B_VALUES}; the scanner's ADC map is used",
@@ -445,10 +443,9 @@ def adc_task(
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         moco, on_t2, _ = _load_registered(images, ctx.threads)
         native, t2_grid = fit_adc(moco, on_t2, params=params)
-        prefix = _exam_prefix(exam_dir)
-        native_path = exam_dir / "dwi" / f"{prefix}_desc-fit_adc.nii.gz"
+        native_path = derivative_path(exam_dir, "dwi", suffix="adc", desc="fit")
         write_image_atomic(native, native_path)
-        t2_path = exam_dir / "dwi" / f"{prefix}_space-T2w_desc-fit_adc.nii.gz"
+        t2_path = derivative_path(exam_dir, "dwi", suffix="adc", desc="fit", space="T2w")
         write_image_atomic(t2_grid, t2_path)
         outputs = [FileRef.of("adc_native", native_path), FileRef.of("adc", t2_path)]
         return outputs, {"fit_b_values": list(select_b_values(sorted(moco), params))}

@@ -24,6 +24,7 @@ from prefect.states import Completed, Failed, State
 from db.queries import patient_status
 from db.store import session_scope
 from flows.steps import RunContext, engine_for
+from tasks.registry import INGEST
 
 
 def progress_rows(status: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -83,7 +84,7 @@ def final_state(result: dict[str, Any]) -> State:
     """The flow's final state for ``result`` (``{"patients": [...], ...}``), see above."""
     patients = result["patients"]
     failed = [p for p in patients if p["status"] == "error"]
-    by_step = Counter(p.get("step") or "ingest" for p in failed)
+    by_step = Counter(p.get("step") or INGEST.name for p in failed)
     detail = ", ".join(f"{n} in {step}" for step, n in sorted(by_step.items()))
     if not patients:
         return Failed(message="no exams found", data=result)

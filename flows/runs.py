@@ -22,6 +22,7 @@ from flows.checks import check_force_steps
 from flows.settings import Settings, pseudonym_key
 from flows.steps import RunContext, engine_for, prefect_ids
 from flows.tree_lock import output_tree_lock
+from tasks.registry import INGEST
 
 
 def pseudonym_secret(settings: Settings) -> SecretStr:
@@ -44,7 +45,7 @@ class RunHandle:
             "patients": len(self.results),
             "failed": len(failed),
             "failures": [
-                {"patient": r["patient"], "step": r.get("step", "ingest"), "error": r["error"]}
+                {"patient": r["patient"], "step": r.get("step", INGEST.name), "error": r["error"]}
                 for r in failed
             ],
             "by_status": dict(Counter(r.get("status", "ok") for r in self.results)),

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from db.models import Segmentation
+from db.queries import segmentation_ids
 from db.record import record_radiomics_features, record_segmentation
 from flows.gpu import gpu_slot
 from flows.resources import apply_thread_limits
 from flows.settings import SegmentationSettings
 from flows.steps import FileRef, RunContext, execute_step, step_task
+from tasks.derivatives import derivative_path
 from tasks.errors import InputError
 from tasks.io import write_image_atomic, write_json_atomic, write_text_atomic
 from tasks.measure import (
@@ -70,14 +71,11 @@ def segmentation_params(settings: SegmentationSettings, threads: int) -> Segment
     )
 
 
-def _prefix(exam_dir: Path) -> str:
-    return f"{exam_dir.parent.name}_{exam_dir.name}"
-
-
 def qc_figure_path(exam_dir: Path, label: str, reference: str | None = None) -> Path:
     """``<exam>/figures/<p>_<s>_model-<label>[_ref-<reference>]_desc-qc_mask.png``."""
-    ref = f"_ref-{reference}" if reference else ""
-    return exam_dir / "figures" / f"{_prefix(exam_dir)}_model-{label}{ref}_desc-qc_mask.png"
+    return derivative_path(
+        exam_dir, "figures", suffix="mask", extension=".png", model=label, ref=reference, desc="qc"
+    )
 
 
 def _read(ref: FileRef | None) -> sitk.Image | None:
@@ -116,8 +114,10 @@ def segment_task(
         parameters = params.model_dump(mode="json") | {"model": label}
         record_failure(ctx, patient, SEGMENT, label, inputs, parameters, error)
         raise
-    path = exam_dir / "seg" / f"{_prefix(exam_dir)}_space-T2w_model-{label}_dseg.nii.gz"
-    sidecar = path.with_name(path.name.replace(".nii.gz", ".json"))
+    path = derivative_path(exam_dir, "seg", suffix="dseg", space="T2w", model=label)
+    sidecar = derivative_path(
+        exam_dir, "seg", suffix="dseg", extension=".json", space="T2w", model=label
+    )
     made: dict[str, Any] = {}
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
@@ -238,13 +238,13 @@ def radiomics_task(
     """
     apply_thread_limits(ctx.threads)
     label = model_label(model)
-    path = exam_dir / "seg" / f"{_prefix(exam_dir)}_model-{label}_radiomics.csv"
+    path = derivative_path(exam_dir, "seg", suffix="radiomics", extension=".csv", model=label)
     mask_ref = segmentation["mask"]
     inputs = [mask_ref, *(images[r] for r in RADIOMICS_IMAGES if r in images)]
     try:
         settings = load_radiomics_settings(settings_file)
     except InputError as error:  # a bad settings file: on record for this patient
-        record_failure(ctx, patient, f"radiomics_{label}", inputs, {"model": label}, error)
+        record_failure(ctx, patient, RADIOMICS, label, inputs, {"model": label}, error)
         raise
     names = _label_names(json.loads(Path(segmentation["mask_json"].path).read_text())["labels"])
     rows: list[dict[str, Any]] = []
@@ -274,12 +274,7 @@ def radiomics_task(
         return [FileRef.of("radiomics_csv", path)], {}
 
     def on_record(session: Session, step_run_id: int) -> None:
-        segmentations = session.exec(
-            select(Segmentation).where(
-                Segmentation.mask_sha256 == mask_ref.sha256, Segmentation.model == label
-            )
-        ).all()
-        by_name = {s.label_name: s.id for s in segmentations}
+        by_name = segmentation_ids(session, mask_sha256=mask_ref.sha256, model=label)
         groups: dict[tuple[str, str, str], dict[tuple[str, str], float]] = {}
         for row in rows:
             key = (row["image"], row["mask"], row["settings_hash"])

@@ -36,8 +36,9 @@ from tasks.register import (
     register_stages,
     transform_to_matrix,
 )
+from tasks.registry import REGISTER
 
-STEP = "register"
+STEP = REGISTER.name  # the step's one name: tasks/registry.py
 
 Stage = Literal["affine", "rigid", "identity"]
 STAGE_ORDER: tuple[Stage, ...] = ("affine", "rigid", "identity")

@@ -37,8 +37,9 @@ from pydantic import BaseModel, Field, model_validator
 from scipy import ndimage
 
 from tasks.errors import InputError
+from tasks.registry import N4
 
-STEP = "bias"
+STEP = N4.name  # the step's one name: tasks/registry.py
 #: Components of the thresholded image smaller than this fraction of the largest are noise.
 MIN_COMPONENT_FRACTION = 0.01
 

@@ -46,8 +46,9 @@ import SimpleITK as sitk
 from pydantic import BaseModel, Field, PositiveFloat
 
 from tasks.errors import InputError
+from tasks.registry import DENOISE
 
-STEP = "denoise"
+STEP = DENOISE.name  # the step's one name: tasks/registry.py
 FWHM_TO_SIGMA = 1.0 / math.sqrt(8.0 * math.log(2.0))  # sigma = fwhm / 2.3548...
 MEDIAN_TRIGGER = 1.5  # FSL: use the local median when sum(K * B) < 1.5
 

@@ -51,8 +51,9 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from tasks.errors import InputError
+from tasks.registry import INGEST
 
-STEP = "ingest"
+STEP = INGEST.name  # the step's one name: tasks/registry.py
 
 SIEMENS_CREATOR = "SIEMENS MR HEADER"
 GE_CREATOR = "GEMS_PARM_01"

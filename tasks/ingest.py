@@ -35,15 +35,17 @@ import numpy as np
 import SimpleITK as sitk
 
 from tasks.classify import Selection, select_series
+from tasks.derivatives import derivative_name
 from tasks.dicom_enhanced import read_image_headers
 from tasks.dicom_headers import DicomHeader
 from tasks.discover import Exam
 from tasks.errors import InputError
 from tasks.io import sha256_file, sha256_files, write_image_atomic
 from tasks.pseudonym import pseudonymous_id, pseudonymous_study_id
+from tasks.registry import INGEST
 from tasks.volumes import Volume, build_dwi_volumes, build_volume
 
-STEP = "ingest"
+STEP = INGEST.name  # the step's one name: tasks/registry.py
 ADC_UNITS = "mm^2/s"
 
 
@@ -122,10 +124,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _b_name(b: float) -> str:
-    return f"{int(b)}" if float(b).is_integer() else f"{b:g}".replace(".", "p")
-
-
 def adc_scale(image: sitk.Image) -> tuple[float, str]:
     """Return (factor to mm²/s, explanation) from the magnitude of the stored ADC values."""
     values = sitk.GetArrayViewFromImage(image)
@@ -169,12 +167,12 @@ class _Writer:
     ) -> None:
         p = f"{self.patient}_{self.session}"
         name = {
-            "t2w": f"anat/{p}_T2w.nii.gz",
-            "dwi": f"dwi/{p}_b{_b_name(b_value or 0)}_dwi.nii.gz",
-            "adc": f"dwi/{p}_adc.nii.gz",
-            "computed_dwi": f"dwi/{p}_computed-b{_b_name(b_value)}_dwi.nii.gz"
+            "t2w": f"anat/{derivative_name(p, suffix='T2w')}",
+            "dwi": f"dwi/{derivative_name(p, suffix='dwi', b=b_value or 0)}",
+            "adc": f"dwi/{derivative_name(p, suffix='adc')}",
+            "computed_dwi": f"dwi/{derivative_name(p, suffix='dwi', computed=b_value)}"
             if b_value is not None
-            else f"dwi/{p}_computed_dwi.nii.gz",
+            else f"dwi/{derivative_name(p, suffix='computed_dwi')}",
         }[kind]
         relative = f"{exam_dir(self.patient, self.session)}/{name}"
         digest = write_image_atomic(image, self.out_dir / relative)

@@ -38,8 +38,9 @@ import yaml
 from radiomics import featureextractor
 
 from tasks.errors import InputError
+from tasks.registry import RADIOMICS
 
-STEP = "measure"
+STEP = RADIOMICS.name  # the step's one name: tasks/registry.py
 #: The documented settings shipped with the package.
 DEFAULT_SETTINGS_FILE = Path(__file__).with_name("radiomics.yaml")
 #: Two grids are the same grid when their sizes are equal and every voxel centre of one lies

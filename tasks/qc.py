@@ -29,8 +29,9 @@ from matplotlib.lines import Line2D
 from tasks.errors import InputError
 from tasks.io import write_bytes_atomic
 from tasks.measure import require_same_grid
+from tasks.registry import QC
 
-STEP = "qc"
+STEP = QC.name  # the step's one name: tasks/registry.py
 #: Okabe-Ito colours (distinguishable with colour-vision deficiency).
 PREDICTION_COLOUR = "#E69F00"  # orange
 REFERENCE_COLOUR = "#56B4E9"  # sky blue

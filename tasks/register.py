@@ -10,7 +10,7 @@ arrays are (z, y, x). Every transform returned here is an ITK transform in the I
 sense: it maps points of the *fixed* image's physical space to the *moving* image's physical
 space, so ``sitk.Resample(moving, fixed, transform)`` puts the moving image on the fixed grid.
 :func:`transform_to_matrix` turns one into the 4x4 homogeneous matrix of that same map.
-With the synthetic ground truth (``tasks.synthetic``): for fixed = reference DWI and moving =
+With the synthetic ground truth (``phantom.exam``): for fixed = reference DWI and moving =
 volume b the matrix should equal ``inv(M_b)``; :func:`align_dwi_to_t2` always returns the
 T2 -> DWI map, which should equal ``inv(A)``, whichever way round elastix was run.
 
@@ -37,8 +37,9 @@ from pydantic import BaseModel, Field
 
 from tasks.errors import InputError
 from tasks.io import write_text_atomic
+from tasks.registry import REGISTER
 
-STEP = "register"
+STEP = REGISTER.name  # the step's one name: tasks/registry.py
 
 _INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,

@@ -32,8 +32,9 @@ import SimpleITK as sitk
 from tasks.dicom_headers import DicomHeader, slice_normal
 from tasks.dwi_trace import BPlan, TraceProblem, geometric_mean, plan_b_volumes
 from tasks.errors import InputError
+from tasks.registry import INGEST
 
-STEP = "ingest"
+STEP = INGEST.name  # the step's one name: tasks/registry.py
 SPACING_TOL = 0.10
 ORIENTATION_TOL = 1e-3
 

@@ -104,3 +104,53 @@ def test_chains_are_submitted_breadth_first() -> None:
 
     submit_breadth_first([chain("a", 3), chain("b", 2), chain("c", 3)])
     assert order == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "c2"]
+
+
+@pytest.mark.parametrize("spec_name", ["segment", "radiomics"])
+def test_a_failure_before_the_work_is_recorded_under_the_steps_name(
+    ctx: RunContext, spec_name: str
+) -> None:
+    """A missing model or a bad radiomics settings file is on record as a failed run of
+    that step for that model (``segment_demo``, ``radiomics_demo``)."""
+    import sqlite3
+
+    from flows.segment import record_failure
+    from tasks.errors import InputError
+    from tasks.registry import BY_NAME
+
+    error = InputError("the settings file is not valid YAML")
+    record_failure(ctx, "P1", BY_NAME[spec_name], "demo", [], {"model": "demo"}, error)
+    with sqlite3.connect(ctx.output_root / "provenance.sqlite") as connection:
+        rows = connection.execute("SELECT step, status, error FROM step_run").fetchall()
+    assert rows == [(f"{spec_name}_demo", "failed", str(error))]
+
+
+def test_resources_are_recorded_but_not_part_of_the_cache_key(ctx: RunContext) -> None:
+    """The same step with other threads is a cache hit; the threads it ran with are kept."""
+    import sqlite3
+
+    out = ctx.output_root / "n4.txt"
+
+    def work() -> tuple[list[FileRef], dict]:
+        write_text_atomic(out, "n4")
+        return [FileRef.of("n4", out)], {}
+
+    statuses = [
+        execute_step(
+            ctx,
+            patient=None,
+            step="n4",
+            version="1",
+            inputs=[],
+            parameters={"iterations": [50], "threads": threads, "t2": {"threads": threads}},
+            run=work,
+        ).status
+        for threads in (1, 2)
+    ]
+    assert statuses == ["completed", "cached"]
+    with sqlite3.connect(ctx.output_root / "provenance.sqlite") as connection:
+        parameters, resources = connection.execute(
+            "SELECT parameters, resources FROM step_run"
+        ).fetchone()
+    assert '"threads"' not in parameters and '"iterations"' in parameters
+    assert resources == '{"threads": 1, "t2.threads": 1}'
