@@ -115,7 +115,7 @@ def _no_flow(monkeypatch: pytest.MonkeyPatch) -> None:
     def started(*_args, **_kwargs):
         raise AssertionError("the flow started despite invalid settings")
 
-    monkeypatch.setattr("flows.cli._run_flow", started)
+    monkeypatch.setattr("flows.cli.pipeline.run_flow", started)
 
 
 def test_a_typo_under_steps_exits_2_naming_it(tmp_path: Path, capsys, monkeypatch) -> None:
