@@ -151,6 +151,32 @@ WIDE_KEYS = (
 )
 
 
+def steps_run(session: Session, pipeline_run_id: str) -> dict[str, list[str]]:
+    """``{patient: [step, ...]}``: the steps each patient computed in one run (completed
+    there, not found in the cache), in the order they ran."""
+    rows = session.exec(
+        select(Patient.pseudo_id, StepRun.step)
+        .join(Patient, Patient.id == StepRun.patient_id)
+        .where(StepRun.pipeline_run_id == pipeline_run_id, StepRun.status == "completed")
+        .order_by(StepRun.id)
+    ).all()
+    out: dict[str, list[str]] = {}
+    for patient, step in rows:
+        out.setdefault(patient, []).append(step)
+    return out
+
+
+def patients_started(session: Session, pipeline_run_id: str) -> set[str]:
+    """The patients with at least one step on record (any state) in one run."""
+    rows = session.exec(
+        select(Patient.pseudo_id)
+        .join(StepRun, Patient.id == StepRun.patient_id)
+        .where(StepRun.pipeline_run_id == pipeline_run_id)
+        .distinct()
+    ).all()
+    return set(rows)
+
+
 def has_patient(session: Session, pseudo_id: str) -> bool:
     """True when a patient with this pseudonymous id is on record."""
     return session.exec(select(Patient).where(Patient.pseudo_id == pseudo_id)).first() is not None

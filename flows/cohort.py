@@ -1,8 +1,9 @@
-"""The cohort flow: discover the exams under a root, then fan out the per-exam chain.
+"""The cohort flow: discover the exams under a root, then one patient flow run per exam.
 
-discover -> ingest (one task run per exam) -> denoise -> N4 -> register -> b1000 -> ADC ->
-per model: segment -> radiomics + QC figure. One exam's failure never stops the others:
-its entry in the result says which step failed and why (also in the database).
+discover -> per patient (:mod:`flows.patient`, ``threads.workers`` at once): ingest ->
+denoise -> N4 -> register -> b1000 -> ADC -> per model: segment -> radiomics + QC figure.
+One exam's failure never stops the others: its entry in the result says which step failed
+and why (also in the database and as its Failed flow run).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 
 from flows.checks import check_database, check_models
-from flows.ingest import discover_cohort, ingest_exams, skipped_entries
-from flows.patient import process_exams
-from flows.report import final_state, publish_run
+from flows.ingest import discover_cohort, patient_id_of, skipped_entries
+from flows.patient import run_patients
+from flows.report import LiveProgress, final_state, publish_run
 from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import resolve_models
-from flows.settings import load_settings
-from tasks.discover import Discovery
+from flows.settings import SettingsError, load_settings
+from tasks.discover import Discovery, Exam
 
 
 @flow(name="cohort", task_runner=SettingsTaskRunner())
@@ -33,6 +34,7 @@ def cohort_flow(
     force_steps: list[str] | None = None,
     manifest: str | None = None,
     follow_symlinks: bool = False,
+    patients: list[str] | None = None,
 ) -> State:
     """Process every exam under ``root``; the result is ``{"patients": [...], "models": [...],
     "skipped": [...]}`` (``skipped``: the paths that hold no exam, for the terminal only).
@@ -55,6 +57,9 @@ def cohort_flow(
     manifest, follow_symlinks
         A CSV listing the exams (``patient, study, path``; see :mod:`tasks.discover`);
         search symbolic links to folders.
+    patients
+        Only these patients (pseudonymous ids), e.g. to retry the ones that failed; an id
+        that matches no exam under ``root`` stops the run at start.
     """
     settings = load_settings(config_file, data_root=root, output_root=output_root)
     specs = resolve_models(models or [settings.segmentation.model], demo=False)
@@ -63,6 +68,7 @@ def cohort_flow(
     command = f"run {root} " + " ".join(f"--model {m}" for m in specs)
     command += f" --manifest {manifest}" if manifest else ""
     command += " --follow-symlinks" if follow_symlinks else ""
+    command += "".join(f" --patient {p}" for p in patients or [])
     with pipeline_run(settings, command=command, force=force, force_steps=force_steps) as (
         ctx,
         run,
@@ -72,11 +78,26 @@ def cohort_flow(
         )
         get_run_logger().info("models: %s", ", ".join(specs))
         publish_discovery(found)
-        results = ingest_exams(found.exams, ctx, pseudonym_secret(settings), settings.steps.ingest)
-        results = process_exams(results, ctx, settings, specs)
+        key = pseudonym_secret(settings).get_secret_value()
+        exams = [(exam, patient_id_of(exam, key)) for exam in found.exams]
+        if patients:
+            exams = _only(exams, patients)
+        results = run_patients(
+            exams, ctx, settings, specs, on_progress=LiveProgress(ctx, [p for _, p in exams])
+        )
         run.finish(results)
         publish_run(ctx, results, title=f"Cohort run over {root}")
     return final_state({"patients": results, "models": specs, "skipped": skipped_entries(found)})
+
+
+def _only(exams: list[tuple[Exam, str]], patients: list[str]) -> list[tuple[Exam, str]]:
+    """The exams of these pseudonymous ids (every id must match one)."""
+    unknown = sorted(set(patients) - {p for _, p in exams})
+    if unknown:
+        raise SettingsError(
+            f"--patient: no exam under the root has the pseudonymous id(s) {', '.join(unknown)}"
+        )
+    return [(exam, patient) for exam, patient in exams if patient in set(patients)]
 
 
 def discovery_markdown(found: Discovery) -> str:

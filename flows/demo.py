@@ -18,9 +18,9 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 
 from flows.checks import check_database, check_models
-from flows.ingest import ingest_exams
-from flows.patient import process_exams
-from flows.report import final_state, publish_run
+from flows.ingest import patient_id_of
+from flows.patient import run_patients
+from flows.report import LiveProgress, final_state, publish_run
 from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import resolve_models
@@ -94,9 +94,13 @@ def demo_flow(
             states.count("completed"),
             states.count("cached"),
         )
-        exams = discover_exams(root / "dicom")
-        results = ingest_exams(exams, ctx, key, settings.steps.ingest)
-        results = process_exams(results, ctx, settings, models)
+        exams = [
+            (exam, patient_id_of(exam, key.get_secret_value()))
+            for exam in discover_exams(root / "dicom")
+        ]
+        results = run_patients(
+            exams, ctx, settings, models, on_progress=LiveProgress(ctx, [p for _, p in exams])
+        )
         run.finish(results)
         publish_run(ctx, results, title=f"Demo run ({n} synthetic exams)")
     return final_state({"cohort": str(root), "patients": results, "models": models})

@@ -1,16 +1,37 @@
-"""The per-exam chain of tasks after ingest, read like a table of steps."""
+"""One patient, one Prefect flow run: ingest -> denoise -> N4 -> register -> b1000 -> ADC ->
+per model: segment -> radiomics -> QC figure, read like a table of steps.
+
+The cohort flow runs :func:`patient_flow` for each exam through :func:`run_patients`: a task
+per patient on the flow's task runner (``threads.workers`` at once, or a Dask cluster), each
+calling the patient's flow, which runs its steps in order. So a bounded number of patients is
+in flight and each finishes its chain before the next one starts: results, QC figures and
+the report grow during the run, and a killed run leaves its finished patients finished.
+
+In the Prefect UI every patient is a flow run named by its pseudonym, nested under the
+cohort run, with its own state, graph and logs; a patient that fails is a ``Failed`` flow
+run whose message names the step and the reason. The exam (folder names, DICOM
+identifiers) and the database URL travel as a :class:`Hidden` parameter, which Prefect
+records as ``**********``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect.futures import PrefectFuture
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from prefect.futures import as_completed
+from prefect.logging import get_run_logger
+from prefect.states import Failed, State
+from pydantic import SecretStr
 
-from db.queries import first_failures
+from db.queries import steps_run
 from db.store import session_scope
-from flows.ingest import PATIENTS_DIR, ingest_role
+from flows.ingest import PATIENTS_DIR, error_entry, ingest_exam_task, ingest_role
 from flows.preprocess import (
     ExamImages,
     adc_task,
@@ -19,6 +40,7 @@ from flows.preprocess import (
     register_task,
     standardize_task,
 )
+from flows.runs import pseudonym_secret
 from flows.segment import (
     model_label,
     qc_task,
@@ -28,7 +50,39 @@ from flows.segment import (
 )
 from flows.settings import Settings
 from flows.steps import FileRef, RunContext, engine_for
+from tasks.discover import Exam
+from tasks.errors import StepError
 from tasks.ingest import exam_dir
+from tasks.registry import (
+    ADC,
+    B1000,
+    DENOISE,
+    INGEST,
+    N4,
+    QC,
+    RADIOMICS,
+    REGISTER,
+    SEGMENT,
+)
+
+
+class Hidden(SecretStr):
+    """A flow parameter Prefect records as ``**********``: the object itself reaches the
+    flow function (in this process), its contents never reach the Prefect API."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("hidden")
+        self.value = value
+
+
+@dataclass(frozen=True)
+class PatientJob:
+    """What one patient's flow run needs: the exam, the run and the settings."""
+
+    exam: Exam
+    ctx: RunContext
+    settings: Settings
+    models: tuple[str, ...]
 
 
 def ingested_refs(result: dict[str, Any], out_dir: Path) -> list[FileRef]:
@@ -39,140 +93,176 @@ def ingested_refs(result: dict[str, Any], out_dir: Path) -> list[FileRef]:
     ]
 
 
-def submit_exam(
-    result: dict[str, Any],
-    ctx: RunContext,
-    settings: Settings,
-    models: list[str],
-    futures: dict[str, PrefectFuture],
-) -> Iterator[None]:
-    """Submit the chain of one ingested exam step by step, pausing (``yield``) after each.
-
-    denoising -> N4 -> registration -> b1000 -> ADC, then per model: segmentation, then
-    radiomics and the QC figure. Each step waits for the one it reads from. ``futures``
-    receives, in submission order, ``"denoise"``, ``"n4"``, ``"register"``, ``"b1000"``,
-    ``"adc"``, ``"segment:<model>"``, ``"radiomics:<model>"`` and ``"qc:<model>"``.
-    Driven by :func:`submit_breadth_first`.
-    """
-    out_dir = ctx.output_root / PATIENTS_DIR
+def exam_images(result: dict[str, Any], out_dir: Path) -> ExamImages:
+    """The ingested images of one exam as the chain's first input."""
     refs = ingested_refs(result, out_dir)
-    patient = result["patient"]
-    folder = out_dir / exam_dir(patient, result["session"])
     dwi = tuple(r for r in refs if r.role.startswith("dwi_b"))
-    images = ExamImages(
+    return ExamImages(
         t2w=next(r for r in refs if r.role == "t2w_raw"),
         dwi=dwi,
         # without acquired DWI (PI-CAI), the computed high b and the scanner ADC stand in
         hbv=None if dwi else next((r for r in refs if r.role.startswith("computed_dwi")), None),
         adc_scanner=None if dwi else next((r for r in refs if r.role == "adc_scanner"), None),
     )
-    steps = settings.steps
-    # In submission order: the first failed one is the step to blame.
-    futures["denoise"] = denoise_task.submit(
-        patient, folder, images, ctx, steps.t2_denoise, steps.susan
-    )
-    yield
-    futures["n4"] = n4_task.submit(patient, folder, futures["denoise"], ctx, steps.n4)
-    yield
-    futures["register"] = register_task.submit(
-        patient, folder, futures["n4"], ctx, steps.registration
-    )
-    yield
-    futures["b1000"] = standardize_task.submit(
-        patient, folder, futures["register"], ctx, steps.dwi_fit
-    )
-    yield
-    adc = adc_task.submit(patient, folder, futures["b1000"], ctx, steps.dwi_fit)
-    futures["adc"] = adc
-    yield
-    params = segmentation_params(settings.segmentation, ctx.threads)
-    for model in models:  # ``adc`` resolves to the T2-grid images by role
-        masks = segment_task.submit(patient, folder, adc, model, ctx, params)
-        futures[f"segment:{model}"] = masks
-        yield
-        futures[f"radiomics:{model}"] = radiomics_task.submit(
-            patient, folder, adc, masks, model, ctx, settings.measure.radiomics_file
-        )
-        futures[f"qc:{model}"] = qc_task.submit(patient, folder, adc, masks, model, ctx)
-        yield
 
 
-def submit_breadth_first(chains: list[Iterator[None]]) -> None:
-    """Advance every exam's chain one submission at a time, round robin.
+@flow(name="patient", flow_run_name="{patient}", validate_parameters=False)
+def patient_flow(patient: str, job: Hidden) -> dict[str, Any] | State:
+    """One exam through every step; the result is its entry in the cohort's result.
 
-    A task that reads a future waits for it inside its runner thread. Submitting one exam's
-    whole chain before the next exam's (depth first) therefore filled the pool's threads
-    with steps waiting on the same exam: with 2 workers, one worked while the other waited,
-    so exams ran one at a time. Breadth first, every exam's first step is queued before any
-    exam's second step, so the threads find runnable work while upstream steps finish.
+    A failing step ends the patient's run as ``Failed`` with ``"<step>: <reason>"`` (its
+    data: the entry with ``status="error"``, the step and the error, and the outputs of the
+    steps that finished); the steps already done stay done and cached.
     """
-    active = list(chains)
-    while active:
-        active = [chain for chain in active if next(chain, StopIteration) is not StopIteration]
-
-
-def process_exams(
-    results: list[dict[str, Any]], ctx: RunContext, settings: Settings, models: list[str]
-) -> list[dict[str, Any]]:
-    """Run the chain for every ingested exam; mark the ones that fail.
-
-    A failed step fails only its own exam: the entry gets ``status="error"``, the ``step``
-    that failed and its error; the exam's finished outputs are kept (and listed).
-    """
-    futures: dict[int, dict[str, PrefectFuture]] = {
-        i: {} for i, r in enumerate(results) if r["status"] == "ok"
-    }
-    submit_breadth_first(
-        [submit_exam(results[i], ctx, settings, models, futures[i]) for i in futures]
-    )
-    for future in (f for exam in futures.values() for f in exam.values()):
-        future.wait()
-    with session_scope(engine_for(ctx.database_url)) as session:
-        recorded = first_failures(session, ctx.pipeline_run_id) if ctx.pipeline_run_id else {}
-    out = [dict(r) for r in results]
-    for i, exam_futures in futures.items():
-        outputs: dict[str, str] = {}
-        failure: tuple[str, str] | None = None
-        for name, future in exam_futures.items():
-            if future.state.is_completed():
-                outputs.update(_outputs_of(name, future.result(), first=models[0]))
-            elif future.state.is_failed() or future.state.is_crashed():
-                failure = failure or _failure(name, future)
-        if failure is None and not all(f.state.is_completed() for f in exam_futures.values()):
-            failure = ("preprocess", "a step did not run: " + _not_run(exam_futures))
-        out[i]["outputs"] = outputs
-        if failure is not None:  # the step as recorded; else what the error says
-            step, error = recorded.get(out[i]["patient"], failure)
-            out[i].update(status="error", step=step, error=error)
-    return out
-
-
-def _outputs_of(name: str, value: Any, *, first: str) -> dict[str, str]:
-    """Output paths by role: the ADC step's images, and ``mask:<model>``, ``qc:<model>``,
-    ``radiomics:<model>`` per model, the first model's also as plain ``mask``, ``qc`` and
-    ``radiomics``. Intermediate steps give none (their files are in the database)."""
-    if name == "adc":
-        return {role: ref.path for role, ref in value.items()}
-    if ":" not in name:
-        return {}
-    kind, model = name.split(":", 1)
-    role = "mask" if kind == "segment" else kind
-    path = value["mask"].path if kind == "segment" else value.path
-    out = {f"{role}:{model_label(model)}": path}
-    return out | ({role: path} if model == first else {})
-
-
-def _failure(name: str, future: PrefectFuture) -> tuple[str, str]:
-    """The step and error of a failed task (its own exception's step, else its name)."""
+    work: PatientJob = job.value
+    ctx, settings = work.ctx, work.settings
+    key = pseudonym_secret(settings)
+    outputs: dict[str, str] = {}
+    step = INGEST.name
     try:
-        future.state.result()
+        ingested = ingest_exam_task(work.exam, patient, ctx, key, settings.steps.ingest)
     except Exception as error:
-        problem = getattr(error, "problem", None) or f"{type(error).__name__}: {error}"
-        return getattr(error, "step", None) or name.split(":", 1)[0], problem
-    return name, future.state.message or "failed"
+        entry = error_entry(work.exam, patient, error) | {"step": step, "outputs": {}}
+        return Failed(message=f"{step}: {entry['error']}", data=entry)
+    entry = dict(ingested) | {"outputs": outputs}
+    out_dir = ctx.output_root / PATIENTS_DIR
+    folder = out_dir / exam_dir(patient, ingested["session"])
+    steps = settings.steps
+    try:
+        step = DENOISE.name
+        images = denoise_task(
+            patient, folder, exam_images(ingested, out_dir), ctx, steps.t2_denoise, steps.susan
+        )
+        step = N4.name
+        images = n4_task(patient, folder, images, ctx, steps.n4)
+        step = REGISTER.name
+        registered = register_task(patient, folder, images, ctx, steps.registration)
+        step = B1000.name
+        registered = standardize_task(patient, folder, registered, ctx, steps.dwi_fit)
+        step = ADC.name
+        maps = adc_task(patient, folder, registered, ctx, steps.dwi_fit)
+        outputs.update({role: ref.path for role, ref in maps.items()})
+        params = segmentation_params(settings.segmentation, ctx.threads)
+        for i, model in enumerate(work.models):
+            label = model_label(model)
+            step = SEGMENT.recorded(label)
+            masks = segment_task(patient, folder, maps, model, ctx, params)
+            _add_output(outputs, "mask", label, masks["mask"].path, first=i == 0)
+            step = RADIOMICS.recorded(label)
+            table = radiomics_task(
+                patient, folder, maps, masks, model, ctx, settings.measure.radiomics_file
+            )
+            _add_output(outputs, "radiomics", label, table.path, first=i == 0)
+            step = QC.recorded(label)
+            figure = qc_task(patient, folder, maps, masks, model, ctx)
+            _add_output(outputs, "qc", label, figure.path, first=i == 0)
+    except Exception as error:
+        problem = str(error) if isinstance(error, StepError) else f"{type(error).__name__}: {error}"
+        entry |= {"status": "error", "step": step, "error": problem}
+        return Failed(message=f"{step}: {problem}", data=entry)
+    return entry
 
 
-def _not_run(futures: dict[str, PrefectFuture]) -> str:
-    """Which tasks of an exam ended without completing, with their state names."""
-    pending = (f"{n} ({f.state.name})" for n, f in futures.items() if not f.state.is_completed())
-    return ", ".join(pending)
+def _add_output(outputs: dict[str, str], role: str, label: str, path: str, *, first: bool) -> None:
+    """``<role>:<model>``, and plain ``<role>`` for the first model."""
+    outputs[f"{role}:{label}"] = path
+    if first:
+        outputs[role] = path
+
+
+@task(name="patient", task_run_name="patient-{patient}", cache_policy=NONE)
+def patient_task(patient: str, job: PatientJob) -> dict[str, Any]:
+    """Run one patient's flow (a task, so that the task runner bounds how many run at once
+    and Dask can place them); return its entry, failed or not."""
+    started = time.monotonic()
+    state = patient_flow(patient, Hidden(job), return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, dict):
+        return result | {"seconds": round(time.monotonic() - started, 1)}
+    return {  # the flow itself crashed: no entry was made
+        "patient": patient,
+        "source": job.exam.folder,  # for the terminal only
+        "status": "error",
+        "step": "patient",
+        "error": state.message or f"{type(result).__name__}: {result}",
+        "outputs": {},
+    }
+
+
+@dataclass
+class Progress:
+    """Counts of a cohort run as patients finish, with the time per patient and the ETA."""
+
+    total: int
+    started: float
+    done: int = 0
+    failed: int = 0
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.done += 1
+        self.failed += entry.get("status") == "error"
+
+    def line(self) -> str:
+        """``12/40 patients (1 failed), 31 s per patient, about 14 min left``."""
+        elapsed = time.monotonic() - self.started
+        per_patient = elapsed / self.done if self.done else float("nan")
+        left = per_patient * (self.total - self.done)
+        eta = f"about {_duration(left)} left" if self.done < self.total else "done"
+        return (
+            f"{self.done}/{self.total} patients ({self.failed} failed), "
+            f"{per_patient:.0f} s per patient, {eta}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run_patients(
+    exams: list[tuple[Exam, str]],
+    ctx: RunContext,
+    settings: Settings,
+    models: list[str],
+    *,
+    on_progress: Callable[[Progress, list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run :func:`patient_flow` for every ``(exam, patient)``; entries in ``exams`` order.
+
+    ``on_progress(progress, entries so far)`` is called each time a patient finishes (the
+    cohort flow updates its progress artifact there); the log gets the progress line.
+    """
+    futures = {
+        patient_task.submit(patient, PatientJob(exam, ctx, settings, tuple(models))): i
+        for i, (exam, patient) in enumerate(exams)
+    }
+    entries: list[dict[str, Any] | None] = [None] * len(exams)
+    progress = Progress(total=len(exams), started=time.monotonic())
+    logger = get_run_logger()
+    for future in as_completed(list(futures)):
+        entry = future.result()
+        entries[futures[future]] = entry
+        progress.add(entry)
+        logger.info("progress: %s", progress.line())
+        if on_progress is not None:
+            on_progress(progress, [e for e in entries if e is not None])
+    done = [e for e in entries if e is not None]
+    _mark_cached(done, ctx)
+    return done
+
+
+def _mark_cached(entries: list[dict[str, Any]], ctx: RunContext) -> None:
+    """Each entry's ``ran``: the steps this run computed (not found in the cache), and
+    ``cached``: True when it computed none of them."""
+    if ctx.pipeline_run_id is None:
+        return
+    with session_scope(engine_for(ctx.database_url)) as session:
+        ran = steps_run(session, ctx.pipeline_run_id)
+    for entry in entries:
+        entry["ran"] = ran.get(entry["patient"], [])
+        entry["cached"] = entry.get("status") != "error" and not entry["ran"]

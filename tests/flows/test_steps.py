@@ -92,20 +92,6 @@ def test_an_empty_recorded_output_is_not_a_cache_hit(ctx: RunContext) -> None:
     assert run() == "cached"
 
 
-def test_chains_are_submitted_breadth_first() -> None:
-    from flows.patient import submit_breadth_first  # noqa: PLC0415
-
-    order: list[str] = []
-
-    def chain(exam: str, steps: int):
-        for k in range(steps):
-            order.append(f"{exam}{k}")
-            yield
-
-    submit_breadth_first([chain("a", 3), chain("b", 2), chain("c", 3)])
-    assert order == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "c2"]
-
-
 @pytest.mark.parametrize("spec_name", ["segment", "radiomics"])
 def test_a_failure_before_the_work_is_recorded_under_the_steps_name(
     ctx: RunContext, spec_name: str
