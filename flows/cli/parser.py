@@ -40,16 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--patients", type=int, metavar="N", help="number of exams (default 4)")
     demo.add_argument("--seed", type=int, help="random seed (default 0)")
-    demo.add_argument("--output", metavar="DIR", help="output root (default ./output)")
-    demo.add_argument("--force", action="store_true", help="recompute cached steps")
-    demo.add_argument(
-        "--force-step",
-        action="append",
-        choices=step_names(),
-        metavar="STEP",
-        help=f"recompute this step even when cached (repeat): {', '.join(step_names())}",
-    )
-    demo.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_run_options(demo, json_help="print the result as JSON")
 
     run = commands.add_parser(
         "run",
@@ -83,16 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dask: the running Dask cluster at --address",
     )
     run.add_argument("--address", metavar="tcp://HOST:PORT", help="Dask scheduler address")
-    run.add_argument("--output", metavar="DIR", help="output root (default ./output)")
-    run.add_argument("--force", action="store_true", help="recompute cached steps")
-    run.add_argument(
-        "--force-step",
-        action="append",
-        choices=step_names(),
-        metavar="STEP",
-        help=f"recompute this step even when cached (repeat): {', '.join(step_names())}",
-    )
-    run.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_run_options(run, json_help="print one JSON object")
     run.add_argument(
         "--patient",
         action="append",
@@ -177,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the settings in effect (JSON)")
     config.add_argument("--output", metavar="DIR", help="output root (default ./output)")
     return parser
+
+
+def _add_run_options(command: argparse.ArgumentParser, *, json_help: str) -> None:
+    """What ``demo`` and ``run`` share: the output root, recomputing, JSON output."""
+    command.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+    command.add_argument("--force", action="store_true", help="recompute cached steps")
+    command.add_argument(
+        "--force-step",
+        action="append",
+        choices=step_names(),
+        metavar="STEP",
+        help=f"recompute this step even when cached (repeat): {', '.join(step_names())}",
+    )
+    command.add_argument("--json", action="store_true", help=json_help)
 
 
 def _add_discovery_options(command: argparse.ArgumentParser) -> None:
