@@ -191,3 +191,10 @@ def qc_figures(session: Session, *, patients: Names = None) -> pd.DataFrame:
     models = [p.get("model", step) for p, step in zip(found.parameters, found.step, strict=True)]
     found.insert(1, "model", models)
     return found.drop(columns=["step", "parameters"]).reset_index(drop=True)
+
+
+def run_commands(session: Session) -> set[str]:
+    """The commands that have run on this database (the first word of each pipeline run's
+    command: ``demo``, ``run``, ``ingest``, ``evaluate``)."""
+    rows = session.exec(sa_select(PipelineRun.command).distinct()).all()
+    return {row[0].split(maxsplit=1)[0] for row in rows if row[0]}

@@ -49,3 +49,27 @@ def check_models(specs: list[str], settings: Settings, *, demo: bool) -> None:
                 raise SettingsError(
                     f"segmentation.model (--model) {spec!r}: {error.problem}{where}{hint}"
                 ) from None
+
+
+def check_demo_tree(settings: Settings) -> None:
+    """The demo's output tree holds no real cohort's results (a ``run`` or ``ingest`` on
+    record in its database), else :class:`SettingsError`: the demo never mixes its
+    synthetic exams into a cohort's tables and report."""
+    from sqlalchemy import inspect
+
+    from db.run_queries import run_commands
+    from db.store import make_engine, session_scope
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        if not inspect(engine).has_table("pipeline_run"):
+            return
+        with session_scope(engine) as session:
+            cohort = run_commands(session) & {"run", "ingest"}
+    finally:
+        engine.dispose()
+    if cohort:
+        raise SettingsError(
+            f"output {settings.output_root} holds a cohort's results ({', '.join(sorted(cohort))} "
+            "on record): the demo needs an output folder of its own (--output DIR)"
+        )

@@ -5,7 +5,12 @@ Layout under the output root::
     demo-cohort/dicom/SYN-0001/...      synthetic DICOM exams (the pipeline's input)
     demo-cohort/truth/SYN-0001/...      their ground truth (masks, true ADC, transforms)
     patients/<pseudonymous id>/...      pipeline outputs
+    evaluation/                         the masks against the known truth (Dice, HD95, ...)
     provenance.sqlite                   the provenance database (default URL)
+
+The output root defaults to ``demo-output`` (:data:`flows.settings.DEMO_OUTPUT_ROOT`), never
+the cohort's ``output_root``, and the database is always the SQLite file in it, never the
+cohort's ``database_url``: the demo's results are never mixed with a real cohort's.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 
 from flows.checks import check_database, check_models
+from flows.evaluate import evaluate_flow
 from flows.ingest import patient_id_of
 from flows.patient import run_patients
 from flows.report import LiveProgress, final_state, publish_run
 from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
 from flows.segment import resolve_models
-from flows.settings import load_settings
+from flows.settings import demo_overrides, load_settings
 from flows.steps import FileRef, RunContext, execute_step, step_task
 from phantom.exam import generate_exam
 from phantom.plan import plan_exam
@@ -33,6 +39,8 @@ from tasks.pseudonym import pseudonymous_id
 from tasks.registry import SYNTHESIZE
 
 DEMO_DIR = "demo-cohort"
+#: The truth file the demo's masks are compared with (the whole gland on the T2 grid).
+TRUTH_MASK = "t2_gland_mask"
 
 
 @step_task(SYNTHESIZE)
@@ -65,11 +73,14 @@ def demo_flow(
     force: bool = False,
     force_steps: list[str] | None = None,
 ) -> State:
-    """Generate ``patients`` synthetic exams and process them (result: per-patient entries).
+    """Generate ``patients`` synthetic exams, process them, and compare each mask with the
+    exam's true gland (:func:`flows.evaluate.evaluate_flow`, reference ``t2_gland_mask``).
 
-    Final state and artifacts as :func:`flows.cohort.cohort_flow`.
+    Result: ``{"cohort", "patients", "models", "output_root", "evaluation"}`` (the
+    evaluation's ``summary`` and ``folder``). Final state and artifacts as
+    :func:`flows.cohort.cohort_flow`.
     """
-    settings = load_settings(config_file, output_root=output_root)
+    settings = load_settings(config_file, **demo_overrides(output_root))
     n = patients if patients is not None else settings.demo.patients
     seed = seed if seed is not None else settings.demo.seed
     root = settings.output_root / DEMO_DIR
@@ -103,4 +114,28 @@ def demo_flow(
         )
         run.finish(results)
         publish_run(ctx, results, title=f"Demo run ({n} synthetic exams)")
-    return final_state({"cohort": str(root), "patients": results, "models": models})
+    evaluation = _against_truth(root, results, config_file, settings.output_root)
+    return final_state(
+        {
+            "cohort": str(root),
+            "patients": results,
+            "models": models,
+            "output_root": str(settings.output_root),
+            "evaluation": evaluation,
+        }
+    )
+
+
+def _against_truth(
+    root: Path, results: list[dict[str, Any]], config_file: str | None, output_root: Path
+) -> dict[str, Any] | None:
+    """The evaluate flow over the exams' true gland masks (None when no patient has a mask)."""
+    if not any(p["status"] == "ok" for p in results):
+        return None
+    found = evaluate_flow(
+        references=[str(root / "truth")],
+        pattern=f"{TRUTH_MASK}*",
+        config_file=config_file,
+        output_root=str(output_root),
+    )
+    return {k: found[k] for k in ("summary", "folder", "cases")}

@@ -49,6 +49,8 @@ ENV_PREFIX = "PROSTATE_COHORT_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
 KEY_FILE_NAME = ".pseudonym-key"
 DATABASE_FILE_NAME = "provenance.sqlite"
+#: The demo's output root when none is given: its own folder, never a cohort's output_root.
+DEMO_OUTPUT_ROOT = Path("demo-output")
 SUPPORTED_DATABASES = ("sqlite", "postgresql")
 
 _config_file: ContextVar[Path | None] = ContextVar("prostate_cohort_config_file", default=None)
@@ -258,6 +260,16 @@ class Settings(BaseSettings):
             hide_password=True
         )
         return data
+
+
+def demo_overrides(output_root: str | Path | None) -> dict[str, str]:
+    """The demo's own output tree and database, whatever the cohort's settings say:
+    ``output_root`` (default :data:`DEMO_OUTPUT_ROOT`) and the SQLite file in it."""
+    root = Path(output_root or DEMO_OUTPUT_ROOT).expanduser()
+    return {
+        "output_root": str(root),
+        "database_url": f"sqlite:///{root.resolve() / DATABASE_FILE_NAME}",
+    }
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

@@ -20,7 +20,7 @@ from flows.cli import pipeline, results, tools
 from flows.cli.parser import build_parser
 from flows.cli.pipeline import CohortSource, cohort_source
 from flows.cli.start import RUN_COMMANDS, check_before_work, flow_session, prefect_home
-from flows.settings import Settings, SettingsError, load_settings
+from flows.settings import Settings, SettingsError, demo_overrides, load_settings
 from flows.tree_lock import OutputTreeBusy
 
 __all__ = ["build_parser", "main"]
@@ -50,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # ROOT of run/ingest is validated with the settings (data_root): a bad one fails early.
         source = cohort_source(args) if args.command in COHORT_HANDLERS else None
+        output = {"output_root": getattr(args, "output", None)}
+        if args.command == "demo":  # its own tree and database, never the cohort's
+            output = demo_overrides(args.output)
         settings = load_settings(
-            args.config,
-            output_root=getattr(args, "output", None),
-            data_root=source.root if source is not None else None,
+            args.config, data_root=source.root if source is not None else None, **output
         )
     except SettingsError as error:
         print(f"prostate-cohort: {error}", file=sys.stderr)

@@ -36,11 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="make the synthetic demo cohort and run the pipeline on it",
         description="Generate N synthetic exams (real DICOM, four vendor conventions, with "
-        "ground truth) under OUTPUT/demo-cohort and run the pipeline on them.",
+        "ground truth) under OUTPUT/demo-cohort, run the pipeline on them and compare each "
+        "mask with the exam's true gland. OUTPUT is ./demo-output unless --output is given "
+        "(never the cohort's output_root).",
     )
     demo.add_argument("--patients", type=int, metavar="N", help="number of exams (default 4)")
     demo.add_argument("--seed", type=int, help="random seed (default 0)")
-    _add_run_options(demo, json_help="print the result as JSON")
+    _add_run_options(demo, json_help="print the result as JSON", output="./demo-output")
 
     run = commands.add_parser(
         "run",
@@ -161,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run_options(command: argparse.ArgumentParser, *, json_help: str) -> None:
+def _add_run_options(
+    command: argparse.ArgumentParser, *, json_help: str, output: str = "./output"
+) -> None:
     """What ``demo`` and ``run`` share: the output root, recomputing, JSON output."""
-    command.add_argument("--output", metavar="DIR", help="output root (default ./output)")
+    command.add_argument("--output", metavar="DIR", help=f"output root (default {output})")
     command.add_argument("--force", action="store_true", help="recompute cached steps")
     command.add_argument(
         "--force-step",

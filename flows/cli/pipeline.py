@@ -69,7 +69,37 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
         force=args.force,
         force_steps=args.force_step,
     )
-    return report_patients(result["patients"], args.json, header=f"demo cohort: {result['cohort']}")
+    code = report_patients(result["patients"], args.json, header=f"demo cohort: {result['cohort']}")
+    if not args.json:
+        print(demo_epilogue(result, args.config))
+    return code
+
+
+def demo_epilogue(result: dict[str, Any], config: str | None) -> str:
+    """Where the demo's results are, its Dice against the known truth, and the commands to
+    look at them."""
+    out = result["output_root"]
+    lines = [f"results: {out}/ (patients/, provenance.sqlite, evaluation/)"]
+    evaluation = result.get("evaluation")
+    for row in (evaluation or {}).get("summary", []):
+        dice = row["dice"]
+        values = [c["dice"] for c in evaluation["cases"] if c["model"] == row["model"]]
+        lines.append(
+            f"Dice against the known truth, model {row['model']}: mean {dice['mean']:.3f}, "
+            f"min {min(values):.3f} over {dice['n']} patients (evaluation/summary.md)"
+        )
+    if not evaluation:
+        lines.append("no mask to compare with the known truth (every patient failed)")
+    prefix = f"prostate-cohort{f' --config {config}' if config else ''}"
+    lines += [
+        "look at them:",
+        f"  {prefix} report --output {out}        # HTML report: volumes, QC figures, Dice",
+        f"  {prefix} status --output {out}        # per patient: steps and what ran",
+        f"  {prefix} features --output {out} --wide -o features.csv   # radiomics",
+        "  prefect server start                  # the runs in the Prefect UI, "
+        "http://127.0.0.1:4200",
+    ]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace, settings: Settings, source: CohortSource) -> int:

@@ -49,10 +49,12 @@ def prefect_home(output_root: Path) -> None:
 def check_before_work(args: argparse.Namespace, settings: Settings) -> None:
     """Stop at start, before any work, on a database or segmentation model that cannot be
     used (:class:`SettingsError`, exit code 2)."""
-    from flows.checks import check_database, check_models
+    from flows.checks import check_database, check_demo_tree, check_models
 
     if args.command in DATABASE_COMMANDS:
         check_database(settings)
+    if args.command == "demo":
+        check_demo_tree(settings)
     if args.command in ("run", "demo"):
         prefect_defaults()  # flows.segment imports Prefect
         specs = getattr(args, "model", None) or [settings.segmentation.model]

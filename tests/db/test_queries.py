@@ -153,12 +153,22 @@ def test_volumes_are_the_recorded_mask_volumes(session, analysed_demo) -> None:
 
 def test_evaluation_metrics_long_and_wide(session, analysed_demo) -> None:
     cases = {c["patient"]: c for c in analysed_demo.evaluation["cases"]}
-    long = evaluation_metrics(session)
+    # the demo compared its masks with the true ones (reference "t2_gland_mask"); the fixture
+    # compared them again with copies of those files (reference "phantom")
+    every = evaluation_metrics(session)
+    assert set(every["reference"]) == {"phantom", "t2_gland_mask"}
+    by_reference = every.pivot_table(
+        index=["patient", "metric"], columns="reference", values="value", dropna=False
+    )
+    assert by_reference["phantom"].to_numpy() == pytest.approx(
+        by_reference["t2_gland_mask"].to_numpy(), rel=1e-12, nan_ok=True
+    )
+    long = evaluation_metrics(session, references="phantom")
     assert len(long) == N_PATIENTS * len(METRICS)
     assert set(long["reference"]) == {"phantom"} and set(long["model"]) == {"demo"}
     for row in long.itertuples():
         assert row.value == pytest.approx(cases[row.patient][row.metric], rel=1e-12)
-    wide = evaluation_metrics(session, wide=True).set_index("patient")
+    wide = evaluation_metrics(session, references="phantom", wide=True).set_index("patient")
     assert sorted(wide.index) == sorted(cases) and set(METRICS) <= set(wide.columns)
     for row in long.itertuples():
         assert wide.at[row.patient, row.metric] == row.value

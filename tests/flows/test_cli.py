@@ -299,3 +299,64 @@ def test_second_run_on_one_output_tree_stops_at_start(tmp_path: Path, capsys) ->
     with output_tree_lock(out):  # free again: the kernel released the killed holder's lock
         assert (out / LOCK_NAME).read_text().startswith(f"pid {os.getpid()}")
     assert time.monotonic() - start < 1
+
+
+# -- the demo: its own output tree and database, its Dice, what to run next ----------------
+
+
+def test_demo_writes_to_a_tree_and_database_of_its_own(
+    tmp_path: Path, monkeypatch, prefect_server
+) -> None:
+    """Without --output the demo writes to ./demo-output with its own SQLite database, even
+    when the settings name a cohort's output root and database."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROSTATE_COHORT_OUTPUT_ROOT", str(tmp_path / "cohort-out"))
+    monkeypatch.setenv("PROSTATE_COHORT_DATABASE_URL", f"sqlite:///{tmp_path / 'cohort.sqlite'}")
+    seen: dict = {}
+
+    def fake_run_flow(flow, settings, runner=None, **parameters):
+        seen.update(settings=settings, parameters=parameters)
+        return {"patients": [], "cohort": "c", "output_root": str(settings.output_root)}
+
+    monkeypatch.setattr("flows.cli.pipeline.run_flow", fake_run_flow)
+    main(["demo"])
+    settings = seen["settings"]
+    assert settings.output_root == tmp_path / "demo-output"
+    assert seen["parameters"]["output_root"] == str(tmp_path / "demo-output")
+    assert settings.resolved_database_url == (
+        f"sqlite:///{tmp_path / 'demo-output' / 'provenance.sqlite'}"
+    )
+    assert not (tmp_path / "cohort-out").exists() and not (tmp_path / "cohort.sqlite").exists()
+
+
+def test_demo_refuses_an_output_tree_holding_a_cohort(tmp_path: Path, capsys, monkeypatch) -> None:
+    from db.record import begin_pipeline_run
+    from db.store import make_engine, session_scope, upgrade
+
+    _no_flow(monkeypatch)
+    url = f"sqlite:///{tmp_path / 'provenance.sqlite'}"
+    upgrade(url)
+    with session_scope(make_engine(url)) as session:
+        begin_pipeline_run(
+            session, command="run /data", settings={}, software_versions={}, host="h"
+        )
+    assert main(["demo", "--output", str(tmp_path)]) == 2
+    assert "holds a cohort's results (run on record)" in capsys.readouterr().err
+    assert not (tmp_path / "demo-cohort").exists()
+
+
+def test_demo_ends_with_its_dice_and_the_commands_to_look(demo) -> None:
+    """The demo compares each mask with the exam's true gland and says where to look."""
+    from flows.cli.pipeline import demo_epilogue
+
+    out, result = demo
+    (row,) = result["evaluation"]["summary"]
+    assert row["reference"] == "t2_gland_mask" and row["dice"]["n"] == 4
+    assert row["dice"]["mean"] >= 0.85
+    assert (out / "evaluation" / "summary.md").is_file()
+    text = demo_epilogue(result, None)
+    assert f"results: {out}/" in text
+    assert f"mean {row['dice']['mean']:.3f}" in text and "over 4 patients" in text
+    for command in ("report", "status", "features"):
+        assert f"prostate-cohort {command} --output {out}" in text
+    assert "prefect server start" in text
