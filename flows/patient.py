@@ -189,6 +189,10 @@ def patient_task(patient: str, job: PatientJob) -> dict[str, Any]:
     }
 
 
+#: Characters of the progress bar in the progress line.
+BAR_WIDTH = 20
+
+
 @dataclass
 class Progress:
     """Counts of a cohort run as patients finish, with the time per patient and the ETA."""
@@ -203,13 +207,16 @@ class Progress:
         self.failed += entry.get("status") == "error"
 
     def line(self) -> str:
-        """``12/40 patients (1 failed), 31 s per patient, about 14 min left``."""
+        """``[######--------------] 12/40 patients (1 failed), 31 s per patient, about 14 min
+        left`` (seconds of wall time per finished patient, all workers together)."""
         elapsed = time.monotonic() - self.started
         per_patient = elapsed / self.done if self.done else float("nan")
         left = per_patient * (self.total - self.done)
         eta = f"about {_duration(left)} left" if self.done < self.total else "done"
+        filled = round(BAR_WIDTH * self.done / self.total) if self.total else BAR_WIDTH
+        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
         return (
-            f"{self.done}/{self.total} patients ({self.failed} failed), "
+            f"[{bar}] {self.done}/{self.total} patients ({self.failed} failed), "
             f"{per_patient:.0f} s per patient, {eta}"
         )
 
