@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from db.queries import steps_run
 from db.store import session_scope
 from flows.ingest import PATIENTS_DIR, error_entry, ingest_exam_task, ingest_role
+from flows.placement import run_placed
 from flows.preprocess import (
     ExamImages,
     adc_task,
@@ -146,7 +147,11 @@ def patient_flow(patient: str, job: Hidden) -> dict[str, Any] | State:
         for i, model in enumerate(work.models):
             label = model_label(model)
             step = SEGMENT.recorded(label)
-            masks = segment_task(patient, folder, maps, model, ctx, params)
+            masks = run_placed(
+                segment_task,
+                settings.segmentation.dask_resources,
+                *(patient, folder, maps, model, ctx, params),
+            )
             _add_output(outputs, "mask", label, masks["mask"].path, first=i == 0)
             step = RADIOMICS.recorded(label)
             table = radiomics_task(

@@ -118,6 +118,12 @@ class SegmentationSettings(_Section):
         default_factory=dict,
         description="nnU-Net channel name -> our image role (t2w, dwi_b1000, adc).",
     )
+    dask_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="On a Dask cluster, the worker resources segmentation needs, e.g. "
+        "{GPU = 1}: it then runs only on workers started with them (dask worker ... "
+        "--resources GPU=1) while the rest of each patient runs on any worker.",
+    )
 
 
 class MeasureSettings(_Section):

@@ -1,9 +1,11 @@
-"""Scale-out on Dask: the cohort flow on a 2-worker LocalCluster gives the threaded results.
+"""Scale-out on Dask: the cohort flow on a 2-worker cluster gives the threaded results.
 
 Three of the demo fixture's exams (processed there on the thread pool) are run again on a
-``distributed.LocalCluster`` of two worker processes through ``prefect-dask``, into a fresh
+Dask cluster of two worker processes through ``prefect-dask``, into a fresh
 output root that shares the demo's pseudonym key (so the ids match), and the masks, gland
-volumes and ADC maps are compared with the demo's.
+volumes and ADC maps are compared with the demo's. One worker has the resource ``GPU`` and
+``segmentation.dask_resources`` asks for it: segmentation runs there only, with the model
+loaded once for every patient.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prefect.settings import PREFECT_API_URL
 from db.queries import patient_status
 from db.store import make_engine, session_scope
 from flows.cli import main
+from tasks.segment import backends_created
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -27,14 +30,16 @@ N_EXAMS = 3
 
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch):
-    """Two single-threaded Dask worker processes that report to the test's Prefect server."""
+    """Two single-threaded Dask worker processes that report to the test's Prefect server;
+    only the second has the resource ``GPU`` (as a GPU host's worker would)."""
     distributed = pytest.importorskip("distributed")
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # inherited by the workers
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as local:
-        yield local
+    worker = {"cls": distributed.Nanny, "options": {"nthreads": 1}}
+    gpu = {"cls": distributed.Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}}
+    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None}}
+    with distributed.SpecCluster(workers={"cpu": worker, "gpu": gpu}, scheduler=scheduler) as spec:
+        yield spec
 
 
 def _volumes(out: Path) -> dict[str, float]:
@@ -58,11 +63,22 @@ def test_dask_cluster_gives_the_thread_pool_results(demo, cluster, tmp_path, mon
     out.mkdir()
     shutil.copy(reference_out / ".pseudonym-key", out / ".pseudonym-key")
     monkeypatch.setenv("PROSTATE_COHORT_THREADS__THREADS_PER_WORKER", "1")
+    monkeypatch.setenv("PROSTATE_COHORT_SEGMENTATION__DASK_RESOURCES", '{"GPU": 1}')
 
     command = ["run", str(root), "--model", "demo", "--runner", "dask"]
     assert main([*command, "--address", cluster.scheduler_address, "--output", str(out)]) == 0
 
     assert cluster.scheduler.task_prefixes, "no task went through the Dask scheduler"
+    # Segmentation ran only on the worker with the GPU resource, which loaded the model
+    # once and kept it for every patient (a model per patient would be 3 loads).
+    from distributed import Client
+
+    with Client(cluster) as client:
+        loaded = client.run(backends_created)  # {worker address: models created there}
+    resources = {a: w.resources for a, w in cluster.scheduler.workers.items()}
+    assert {a: n for a, n in loaded.items()} == {
+        a: (1 if r.get("GPU") else 0) for a, r in resources.items()
+    }, (loaded, resources)
     expected = {p["patient"]: p for p in reference["patients"]}
     got = _volumes(out)
     assert len(got) == N_EXAMS
