@@ -1,8 +1,9 @@
 """Shared fixtures: a real PostgreSQL server for the session, fresh databases per test, and
 one pipeline-made cohort shared by the flow, query and report tests.
 
-``postgres_url``   (session)  starts a throw-away PostgreSQL server on 127.0.0.1 with the
-                              Debian ``postgresql`` binaries; skips the test if there are none.
+``postgres_url``   (session)  a throw-away PostgreSQL server on 127.0.0.1, started by
+                              ``deployments/start-postgres.sh`` with the Debian ``postgresql``
+                              binaries; skips the test if there are none.
 ``db_url``         (function) an empty database, once on SQLite and once on PostgreSQL
                               (the latter marked ``postgres``): ``-m "not postgres"`` skips it.
 ``db_engine``      (function) ``db_url`` migrated to the newest schema, as an engine.
@@ -18,11 +19,13 @@ one pipeline-made cohort shared by the flow, query and report tests.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,58 +64,44 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(command: list[str], *, as_user: list[str], cwd: Path) -> None:
-    result = subprocess.run(
-        as_user + command, cwd=cwd, capture_output=True, text=True, timeout=120, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
-        )
+START_POSTGRES = Path(__file__).resolve().parents[1] / "deployments" / "start-postgres.sh"
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """URL of a PostgreSQL server started for this test session (user ``postgres``, trust)."""
-    bin_dir = _pg_bin_dir()
-    if bin_dir is None:
+    """URL of a throw-away PostgreSQL server (user ``postgres``, trust) on 127.0.0.1, started
+    for this test session by the project's own ``deployments/start-postgres.sh``."""
+    if _pg_bin_dir() is None:
         pytest.skip(PG_MISSING)
-    # PostgreSQL refuses to run as root: run it as the 'postgres' OS user, in a folder it owns
-    # (under /tmp, since pytest's own tmp folders are private to root).
-    as_user: list[str] = []
-    base = Path(tempfile.mkdtemp(prefix="pytest-pg-"))
-    if os.geteuid() == 0:
+    if os.geteuid() == 0:  # the script runs the server as the 'postgres' OS user
         if shutil.which("runuser") is None:
             pytest.skip("running as root and 'runuser' is missing: cannot start PostgreSQL")
         try:
-            shutil.chown(base, user="postgres", group="postgres")
-        except LookupError:
+            pwd.getpwnam("postgres")
+        except KeyError:
             pytest.skip("running as root and there is no 'postgres' OS user to run PostgreSQL")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, log = base / "data", base / "server.log"
-    port = _free_port()
-    options = (
-        f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={base} "
-        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    )
-    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
-    try:
-        _run(
-            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]
-            + ["-E", "UTF8", "--locale=C", "--no-sync"],
-            as_user=as_user,
-            cwd=base,
+    # under /tmp, which the 'postgres' user can traverse (pytest's own tmp folders are private)
+    base = Path(tempfile.mkdtemp(prefix="pytest-pg-"))
+    base.chmod(0o755)
+    port, log = _free_port(), base / "server.log"
+    command = [str(START_POSTGRES), "--data", str(base / "data"), "--port", str(port)]
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            command + ["--throwaway", "--timeout", "120"], stdout=out, stderr=subprocess.STDOUT
         )
-        try:
-            start = ["-w", "-t", "60", "-l", str(log), "-o", options, "start"]
-            _run(pg_ctl + start, as_user=as_user, cwd=base)
-        except RuntimeError as exc:
-            server_log = log.read_text() if log.exists() else "(no server log)"
-            raise RuntimeError(f"{exc}\nserver log:\n{server_log}") from None
+    try:
+        deadline = time.monotonic() + 150
+        while "postgres ready" not in log.read_text():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"start-postgres.sh failed:\n{log.read_text()}")
+            time.sleep(0.2)
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        if (data / "postmaster.pid").exists():  # also after a start that timed out
-            _run(pg_ctl + ["-m", "fast", "-w", "stop"], as_user=as_user, cwd=base)
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
         shutil.rmtree(base, ignore_errors=True)
 
 
