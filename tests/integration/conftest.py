@@ -311,11 +311,20 @@ def demo_flow_run(
             f"flow run {created['id']} not finished after {FLOW_RUN_TIMEOUT}s "
             f"(state {flow_run['state']['type']})\n{stack.logs_tail()}"
         )
-    task_runs = stack.api(
+    task_runs = _task_runs(stack, [flow_run["id"]])
+    # the flow runs nested in it: one `patient` flow run per patient, and the evaluation
+    children = stack.api(
         "POST",
-        "/task_runs/filter",
-        json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}, "limit": 200, "offset": 0},
+        "/flow_runs/filter",
+        json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run["id"]]}},
+              "limit": 50, "offset": 0},
     )
+    flows = {f["id"]: f["name"] for f in stack.api(
+        "POST", "/flows/filter",
+        json={"flows": {"id": {"any_": sorted({c["flow_id"] for c in children})}},
+              "limit": 50, "offset": 0},
+    )}
+    patient_flow_runs = [c for c in children if flows[c["flow_id"]] == "patient"]
     # REST, with limit and offset given: the client's read_artifacts sends them as JSON null,
     # which this server's FastAPI answers with 422.
     artifacts = stack.api(
@@ -331,10 +340,21 @@ def demo_flow_run(
         "deployment": deployment,
         "flow_run": flow_run,
         "task_runs": task_runs,
+        "child_flows": sorted(flows[c["flow_id"]] for c in children),
+        "patient_flow_runs": patient_flow_runs,
+        "step_task_runs": _task_runs(stack, [f["id"] for f in patient_flow_runs]),
         "artifacts": {a["key"]: a for a in artifacts if a.get("key")},
         "output_root": output_root,
         "logs": stack.logs_tail(),
     }
+
+
+def _task_runs(stack: PrefectStack, flow_run_ids: list[str]) -> list[dict[str, Any]]:
+    return stack.api(
+        "POST",
+        "/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200, "offset": 0},
+    )
 
 
 def listening_addresses(port: int) -> set[str]:

@@ -185,20 +185,37 @@ def test_work_pool_env_reached_the_flow_run(demo_flow_run: dict[str, Any]) -> No
     assert Path(settings["output_root"]) == demo_flow_run["output_root"]
 
 
-def test_task_runs_per_patient_and_step_all_completed(demo_flow_run: dict[str, Any]) -> None:
-    task_runs = demo_flow_run["task_runs"]
-    not_completed = {t["name"]: t["state"]["type"] for t in task_runs
+def test_one_flow_run_per_patient_its_steps_all_completed(
+    demo_flow_run: dict[str, Any],
+) -> None:
+    """The demo flow run holds a synthesize and a patient task run per patient; each patient
+    has a `patient` flow run named by its pseudonym, whose task runs are its steps."""
+    patients = sorted(p.name for p in (demo_flow_run["output_root"] / "patients").iterdir())
+    runs = demo_flow_run["task_runs"] + demo_flow_run["step_task_runs"]
+    not_completed = {t["name"]: t["state"]["type"] for t in runs
                      if t["state"]["type"] != "COMPLETED"}
     assert not not_completed, f"{not_completed}\n{demo_flow_run['logs']}"
+    assert demo_flow_run["child_flows"] == ["evaluate", "patient", "patient", "patient"]
+
+    flow_runs = demo_flow_run["patient_flow_runs"]
+    assert sorted(f["name"] for f in flow_runs) == patients
+    assert {f["state"]["type"] for f in flow_runs} == {"COMPLETED"}
+
+    top = {t["name"] for t in demo_flow_run["task_runs"]}
+    for patient in patients:
+        assert {f"synthesize-{patient}", f"patient-{patient}"} <= top, top
+
     steps: dict[str, set[str]] = defaultdict(set)
-    for run in task_runs:
-        match = re.fullmatch(rf"(.+)-({PATIENT})", run["name"])
-        assert match, f"task run name {run['name']!r} does not end in a pseudonymous id"
-        steps[match.group(2)].add(match.group(1))
-    patients = sorted(p.name for p in (demo_flow_run["output_root"] / "patients").iterdir())
+    patient_of = {f["id"]: f["name"] for f in flow_runs}
+    for run in demo_flow_run["step_task_runs"]:
+        patient = patient_of[run["flow_run_id"]]
+        match = re.fullmatch(rf"(.+)-{patient}", run["name"])
+        assert match, f"task run {run['name']!r} of {patient}'s flow run is not named for it"
+        steps[patient].add(match.group(1))
     assert sorted(steps) == patients
     for patient, done in steps.items():
-        assert {"synthesize", "ingest", "register", "segment-demo"} <= done, (patient, done)
+        assert {"ingest", "denoise", "n4", "register", "adc", "segment-demo",
+                "radiomics-demo", "qc-demo"} <= done, (patient, done)
 
 
 def test_run_artifacts(demo_flow_run: dict[str, Any]) -> None:
