@@ -427,6 +427,34 @@ def record_evaluation_metrics(
     return rows
 
 
+def supersede_evaluations(
+    session: Session,
+    *,
+    command: str,
+    pipeline_run_id: str,
+    evaluated: Iterable[tuple[str, str]],
+) -> int:
+    """Delete the evaluation rows of earlier runs of the same ``command`` (the same reference
+    folders) for the ``(patient pseudo id, model)`` pairs this run evaluated: a rerun with
+    another pattern replaces what it supersedes. Returns the number of rows deleted."""
+    pairs = set(evaluated)
+    if not pairs:
+        return 0
+    earlier = select(PipelineRun.id).where(
+        PipelineRun.command == command, PipelineRun.id != pipeline_run_id
+    )
+    rows = session.exec(
+        select(EvaluationMetric, Patient.pseudo_id)
+        .join(Patient, col(Patient.id) == EvaluationMetric.patient_id)
+        .where(col(EvaluationMetric.pipeline_run_id).in_(earlier))
+    ).all()
+    stale = [row for row, patient in rows if (patient, row.model) in pairs]
+    for row in stale:
+        session.delete(row)
+    session.flush()
+    return len(stale)
+
+
 def _get_or_create(
     session: Session, model: type[_Row], *, defaults: Mapping[str, Any] | None = None, **key: Any
 ) -> _Row:

@@ -7,8 +7,14 @@ each file is a reference named after the file). Names are matched to pseudonymou
 through the same keyed hash as ingest (patient folder or id), so no original identifier is
 stored or needed. A case that cannot be compared (masks on different grids,
 an unreadable file) is reported under ``errors``, naming the reference file, the model and
-the patient; the other cases go on. Every mask counts as "gland" (any non-zero label), so
-zonal masks compare as whole glands.
+the patient; the other cases go on.
+
+What a reference is comes from the first word of its name (:func:`reference_kind`):
+``gland_*`` (and any other name) is a whole gland, compared with every model's gland (any
+non-zero label); ``zones_*`` is zonal, compared (as the union of its zones) only with models
+that output zones; ``lesion_*`` is never a gland reference. What is left out is listed under
+``skipped`` with the reason. A rerun over the same reference folders replaces the earlier
+run's rows for the patients and models it evaluates (another ``--pattern`` included).
 
 Outputs under ``<output_root>/evaluation/``: ``metrics.csv`` (one row per case, model,
 reference), ``summary.md`` and ``summary.csv`` (mean ± SD per model and reference), and one
@@ -17,6 +23,8 @@ QC figure per case with both outlines under the exam's ``figures/`` folder.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,7 @@ from prefect.logging import get_run_logger
 from sqlmodel import Session
 
 from db.queries import has_patient, latest_mask_paths
-from db.record import record_evaluation_metrics
+from db.record import record_evaluation_metrics, supersede_evaluations
 from db.store import session_scope
 from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
@@ -50,6 +58,14 @@ from tasks.qc import qc_figure
 
 EVALUATION_DIR = "evaluation"
 MASK_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+#: Reference kind by the first word of its name (``zones_Yuan23`` -> zones); else gland.
+REFERENCE_KINDS = {
+    "zones": "zones",
+    "zone": "zones",
+    "zonal": "zones",
+    "lesion": "lesion",
+    "lesions": "lesion",
+}
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,23 @@ def find_references(folder: Path, pattern: str = "*") -> list[Reference]:
             hint="name masks after the exam folder or patient id, e.g. ProstateX-0000.nii.gz",
         )
     return found
+
+
+def reference_kind(name: str) -> str:
+    """``gland``, ``zones`` or ``lesion``, from the first word of a reference's name
+    (``gland_Bosma22b``, ``zones_Yuan23``, ``lesion_expert``; words split at ``_ - .``)."""
+    word = re.split(r"[_\-.]", name, maxsplit=1)[0].lower()
+    return REFERENCE_KINDS.get(word, "gland")
+
+
+def outputs_zones(mask_path: str) -> bool:
+    """Whether a model's mask has several labels (zones), from its JSON sidecar."""
+    sidecar = Path(mask_path.removesuffix(".gz").removesuffix(".nii") + ".json")
+    try:
+        labels = json.loads(sidecar.read_text()).get("labels", {})
+    except (OSError, ValueError):
+        return False
+    return len(labels) > 1
 
 
 def _patient_of(session: Session, exam: str, key: str) -> str | None:
@@ -154,8 +187,9 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     """Compare every model's newest mask with every matching reference mask.
 
-    Returns ``{"cases": [...], "summary": [...], "unmatched": [...]}``; metrics are also
-    stored in the database (``evaluation_metric``) and written as CSV and Markdown.
+    Returns ``{"cases", "summary", "patients", "unmatched", "skipped", "errors",
+    "folder"}`` (``patients``: how many patients were compared); metrics are also stored in
+    the database (``evaluation_metric``) and written as CSV and Markdown.
     """
     settings = load_settings(config_file, output_root=output_root)
     logger = get_run_logger()
@@ -164,10 +198,16 @@ def evaluate_flow(
     cases: list[dict[str, Any]] = []
     unmatched: list[str] = []
     errors: list[str] = []
+    skipped: dict[str, int] = {}  # reason -> references left out for it
     outcomes: list[dict[str, Any]] = []  # per case, for the pipeline run's status and summary
-    with pipeline_run(settings, command=f"evaluate {' '.join(references)}") as (ctx, run):
+    command = f"evaluate {' '.join(references)}"
+    with pipeline_run(settings, command=command) as (ctx, run):
         engine = engine_for(ctx.database_url)
         for ref in found:
+            kind = reference_kind(ref.name)
+            if kind == "lesion":
+                _count(skipped, f"{ref.name}: a lesion mask, never compared as a gland")
+                continue
             with session_scope(engine) as session:
                 patient = _patient_of(session, ref.exam, key)
                 masks = _latest_masks(session, patient) if patient else {}
@@ -176,6 +216,12 @@ def evaluate_flow(
                 unmatched.append(f"{ref.name}: {ref.path.name} (no processed exam with a mask)")
                 continue
             for model, mask_path in sorted(masks.items()):
+                if kind == "zones" and not outputs_zones(mask_path):
+                    _count(
+                        skipped,
+                        f"{ref.name}: zonal, and model {model} outputs the whole gland only",
+                    )
+                    continue
                 try:
                     case = _evaluate_case(ref, patient, model, mask_path)
                 except (InputError, RuntimeError) as error:  # RuntimeError: unreadable file
@@ -197,6 +243,13 @@ def evaluate_flow(
                         metrics=metrics,
                         pipeline_run_id=ctx.pipeline_run_id,
                     )
+        with session_scope(engine) as session:
+            supersede_evaluations(
+                session,
+                command=command,
+                pipeline_run_id=ctx.pipeline_run_id,
+                evaluated={(c["patient"], c["model"]) for c in cases},
+            )
         summary = []
         for model in sorted({c["model"] for c in cases}):
             for name in sorted({c["reference"] for c in cases if c["model"] == model}):
@@ -206,10 +259,14 @@ def evaluate_flow(
         write_cases_csv(out / "metrics.csv", cases)
         write_summary_csv(out / "summary.csv", summary)
         write_text_atomic(out / "summary.md", format_markdown_table(summary))
+        patients = len({c["patient"] for c in cases})
         logger.info(
-            "evaluated %d cases; %d references unmatched; %d failed",
+            "evaluated %d patients (%d model x reference cases); %d references unmatched, "
+            "%d skipped; %d failed",
+            patients,
             len(cases),
             len(unmatched),
+            sum(skipped.values()),
             len(errors),
         )
         for line in errors:
@@ -218,7 +275,13 @@ def evaluate_flow(
     return {
         "cases": cases,
         "summary": summary,
+        "patients": patients,
         "unmatched": unmatched,
+        "skipped": [f"{why} ({n} mask{'s' * (n > 1)})" for why, n in skipped.items()],
         "errors": errors,
         "folder": str(out),
     }
+
+
+def _count(counts: dict[str, int], reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1

@@ -263,11 +263,12 @@ def _evaluation_html(data: ReportData) -> str:
     metrics = [m for m in EVALUATION_COLUMNS if m in table.columns]
     keys = ["model", "reference", "label_name"]
     grouped = table.groupby(keys)[metrics]
-    summary = grouped.mean().round(3).astype(str) + " ± " + grouped.std().round(3).astype(str)
-    summary.insert(0, "n", grouped.size())
+    sd = grouped.std().round(3).astype(str)
+    summary = grouped.mean().round(3).astype(str) + (" ± " + sd).where(sd != "nan", "")
+    summary.insert(0, "patients", grouped.size())
     units = "Dice, IoU, sensitivity, precision: 0-1; HD, HD95: mm; volume_diff_ml: mL."
     return (
-        f"<p>Mean ± SD per model and reference ({units})</p>"
+        f"<p>Mean ± SD per model and reference, over patients (SD with two or more; {units})</p>"
         + _table(summary.reset_index())
         + "<p>Per case:</p>"
         + _table(table[["patient", *keys, *metrics]], digits=3)

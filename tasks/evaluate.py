@@ -308,7 +308,8 @@ def format_markdown_table(
     -------
     str
         Markdown; cells read ``0.82 ± 0.05``, with ``(n=k)`` when a metric is defined for
-        fewer cases than the summary has, ``n/a`` when undefined; a last row gives the cases.
+        fewer cases than the summary has, ``n/a`` when undefined; a last row gives the cases
+        (``Patients``: a summary groups one case per patient).
     """
     groups = _groups(summaries)
     headers = []
@@ -328,7 +329,7 @@ def format_markdown_table(
             cell += f" ± {_number(sd, digits)}" if math.isfinite(sd) else ""
             cells.append(cell + (f" (n={n})" if n < total else ""))
         lines.append(f"| {METRIC_LABELS.get(metric, metric)} | " + " | ".join(cells) + " |")
-    lines.append("| Cases | " + " | ".join(str(g.get("n_cases", 0)) for g in groups) + " |")
+    lines.append("| Patients | " + " | ".join(str(g.get("n_cases", 0)) for g in groups) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -148,9 +148,14 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
     print(Path(result["folder"], "summary.md").read_text())
     for line in result["unmatched"]:
         print(f"  unmatched reference {line}")
+    for line in result["skipped"]:
+        print(f"  skipped reference {line}")
     for line in result["errors"]:
         print(f"  ERROR {line}")
-    print(f"{len(result['cases'])} cases; tables in {result['folder']}")
+    print(
+        f"{result['patients']} patients ({len(result['cases'])} model x reference comparisons);"
+        f" tables in {result['folder']}"
+    )
     return 0 if result["cases"] and not result["errors"] else 1
 
 

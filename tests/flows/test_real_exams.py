@@ -220,3 +220,22 @@ def test_picai_layout_runs_through_the_pipeline(real_run: dict, tmp_path: Path) 
     dicom = _volume_ml(real_run["patients"]["ProstateX-0000"]["outputs"]["mask"])
     print(f"\nPI-CAI layout gland {ours:.1f} mL vs DICOM run {dicom:.1f} mL")
     assert abs(ours - dicom) <= 0.10 * dicom
+
+
+def test_evaluation_against_the_picai_label_folder(real_run: dict) -> None:
+    """The PI-CAI label folder as users have it (two gland, two zonal and one lesion mask
+    for ProstateX-0000): TAPS, a whole-gland model, is compared with the two gland masks;
+    the zonal and lesion masks are reported as skipped, never scored as a gland."""
+    from flows.evaluate import evaluate_flow
+
+    found = evaluate_flow(references=[str(DATA / "labels")], output_root=str(real_run["out"]))
+    patient = real_run["patients"]["ProstateX-0000"]["patient"]
+    cases = {c["reference"]: c for c in found["cases"]}
+    assert sorted(cases) == ["gland_Bosma22b", "gland_Guerbet23"], found
+    assert {c["patient"] for c in cases.values()} == {patient} and found["patients"] == 1
+    assert all(c["dice"] >= 0.75 for c in cases.values()), cases
+    assert sorted(found["skipped"]) == [
+        "lesion_expert: a lesion mask, never compared as a gland (1 mask)",
+        "zones_HeviAI23: zonal, and model taps outputs the whole gland only (1 mask)",
+        "zones_Yuan23: zonal, and model taps outputs the whole gland only (1 mask)",
+    ]

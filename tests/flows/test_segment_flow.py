@@ -3,9 +3,11 @@ server, checked against the phantom's true gland masks and against direct comput
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +127,9 @@ def test_evaluation_against_the_true_masks(demo, references: Path) -> None:
     assert evaluation["unmatched"] and "NOT-AN-EXAM" in evaluation["unmatched"][0]
     (summary,) = evaluation["summary"]
     assert summary["dice"]["mean"] == pytest.approx(np.mean([c["dice"] for c in cases]))
-    stored = _rows(out, "SELECT * FROM evaluation_metric WHERE metric = 'dice'")
+    stored = _rows(
+        out, "SELECT * FROM evaluation_metric WHERE metric = 'dice' AND reference = 'phantom'"
+    )
     assert sorted(r["value"] for r in stored) == pytest.approx(sorted(c["dice"] for c in cases))
     folder = Path(evaluation["folder"])
     assert "dice" in (folder / "summary.md").read_text().lower()
@@ -141,6 +145,51 @@ def test_evaluate_command_prints_json(demo, references: Path, capsys) -> None:
     printed = json.loads(capsys.readouterr().out)
     assert code == 0
     assert len(printed["cases"]) == 4 and printed["summary"][0]["dice"]["n"] == 4
+
+
+def test_evaluation_compares_glands_with_glands_and_reruns_replace(demo, tmp_path: Path) -> None:
+    """A PI-CAI-like label folder (gland, zonal and lesion masks per exam): the demo model
+    (whole gland) is compared with the gland masks only, the others are reported as skipped;
+    a rerun with a narrower pattern replaces the rows of the first run."""
+    demo_out, result = demo
+    out = tmp_path / "out"  # the demo's database and key; its masks stay where they are
+    out.mkdir()
+    shutil.copy(demo_out / ".pseudonym-key", out / ".pseudonym-key")
+    with (
+        contextlib.closing(sqlite3.connect(demo_out / "provenance.sqlite")) as source,
+        contextlib.closing(sqlite3.connect(out / "provenance.sqlite")) as copy,
+    ):
+        source.backup(copy)  # with what is still in the write-ahead log
+    labels = tmp_path / "labels"
+    for truth in sorted((demo_out / "demo-cohort" / "truth").iterdir()):
+        (labels / truth.name).mkdir(parents=True)
+        gland = truth / "t2_gland_mask.nii.gz"
+        for name in ("gland_A", "gland_B", "zones_Z", "lesion_expert"):
+            shutil.copy(gland, labels / truth.name / f"{name}.nii.gz")
+
+    first = evaluate_flow(references=[str(labels)], output_root=str(out))
+    n = len(result["patients"])
+    assert first["patients"] == n and len(first["cases"]) == 2 * n
+    assert {c["reference"] for c in first["cases"]} == {"gland_A", "gland_B"}
+    assert sorted(first["skipped"]) == [
+        f"lesion_expert: a lesion mask, never compared as a gland ({n} masks)",
+        f"zones_Z: zonal, and model demo outputs the whole gland only ({n} masks)",
+    ]
+    assert f"| Patients | {n} | {n} |" in (Path(first["folder"]) / "summary.md").read_text()
+
+    evaluate_flow(references=[str(labels)], pattern="gland_A*", output_root=str(out))
+    rows = _rows(out, "SELECT DISTINCT reference FROM evaluation_metric WHERE reference LIKE 'g%'")
+    assert [r["reference"] for r in rows] == ["gland_A"]
+
+
+def test_reference_kinds() -> None:
+    from flows.evaluate import reference_kind
+
+    assert [reference_kind(n) for n in ("gland_Bosma22b", "phantom", "ProstateX-0000")] == [
+        "gland"
+    ] * 3
+    assert reference_kind("zones_HeviAI23") == "zones" and reference_kind("Zone-x") == "zones"
+    assert reference_kind("lesion_expert") == reference_kind("lesions.v2") == "lesion"
 
 
 def test_reference_layouts(tmp_path: Path) -> None:

@@ -259,7 +259,7 @@ def test_markdown_table_reads_like_a_paper() -> None:
     assert "| Dice | 0.82 ± 0.02 |" in lines
     assert "| Hausdorff distance (mm) | 11.50 ± 0.71 (n=2) |" in lines
     assert "| IoU (Jaccard) | n/a |" in lines
-    assert lines[-1] == "| Cases | 3 |"
+    assert lines[-1] == "| Patients | 3 |"
     two = format_markdown_table(
         [{"model": "taps", "reference": "A"} | one, {"model": "demo", "reference": "A"} | one],
         metrics=("dice",),
