@@ -199,9 +199,10 @@ def test_step_timings_failures_and_runs(session, analysed_demo) -> None:
     assert step_failures(session, pipeline_run_id=demo_run).empty
 
     runs = pipeline_runs(session)
-    assert [c.split()[0] for c in runs["command"]] == ["ingest", "evaluate", "demo"]
-    assert runs["status"].iloc[[0, 2]].tolist() == ["failed", "completed"]  # ingest, demo
-    assert (runs["duration_s"] > 0).all() and runs.loc[2, "n_patients"] == N_PATIENTS
+    # newest first: the fixture's ingest and evaluation, the demo's evaluation, the demo
+    assert [c.split()[0] for c in runs["command"]] == ["ingest", "evaluate", "evaluate", "demo"]
+    assert runs["status"].iloc[[0, 3]].tolist() == ["failed", "completed"]  # ingest, demo
+    assert (runs["duration_s"] > 0).all() and runs.loc[3, "n_patients"] == N_PATIENTS
     assert len(pipeline_runs(session, limit=1)) == 1
 
     figures = qc_figures(session)

@@ -63,8 +63,11 @@ def test_demo_generates_and_ingests_every_patient(demo) -> None:
             assert (image.GetSize(), image.GetOrigin()) == (t2.GetSize(), t2.GetOrigin())
             assert image.GetSpacing() == t2.GetSpacing()
             assert image.GetDirection() == t2.GetDirection()
-    runs = _rows(db, "pipeline_run")
-    assert [r["status"] for r in runs] == ["completed"]
+    runs = _rows(db, "pipeline_run")  # the demo's run, then its evaluation against the truth
+    assert [(r["command"].split()[0], r["status"]) for r in runs[:2]] == [
+        ("demo", "completed"),
+        ("evaluate", "completed"),
+    ]
     assert json.loads(runs[0]["summary"])["patients"] == 4
 
 

@@ -104,12 +104,17 @@ def test_rerun_after_kill_9_does_only_the_missing_work(tmp_path: Path) -> None:
     # No output on record is missing or half-written.
     for path, sha256 in _outputs(db):
         assert Path(path).is_file() and sha256_file(path) == sha256, path
-    # The killed run is closed as failed (interrupted) by the rerun, which completed.
+    # The killed run is closed as failed (interrupted) by the rerun, which completed (and
+    # then evaluated its masks against the truth).
     with sqlite3.connect(db) as connection:
         runs = connection.execute(
-            "SELECT status, summary FROM pipeline_run ORDER BY started_at"
+            "SELECT status, summary, command FROM pipeline_run ORDER BY started_at"
         ).fetchall()
-    assert [status for status, _ in runs] == ["failed", "completed"]
+    assert [(status, command.split()[0]) for status, _, command in runs] == [
+        ("failed", "demo"),
+        ("completed", "demo"),
+        ("completed", "evaluate"),
+    ]
     assert "interrupted" in runs[0][1]
 
 
