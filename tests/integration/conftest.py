@@ -2,8 +2,9 @@
 
 ``prefect_stack`` (session)  ``deployments/start-server.sh`` on a free loopback port in a
                              temporary PREFECT_HOME, ``deployments/create-work-pools.sh
-                             cpu-pool``, ``prefect --no-prompt deploy --name demo`` from the
-                             repository root (prefect.yaml), ``deployments/start-worker.sh
+                             cpu-pool``, ``prefect --no-prompt deploy`` of ``demo`` and
+                             ``cohort-on-demand`` from the repository root (prefect.yaml),
+                             ``deployments/start-worker.sh
                              cpu-pool``; all stopped (process groups and every descendant)
                              at the end of the session.
 ``demo_flow_run`` (session)  one run of the ``demo/demo`` deployment over 3 synthetic
@@ -192,6 +193,45 @@ class PrefectStack:
     def logs_tail(self) -> str:
         return f"{self.worker.tail()}\n{self.server.tail(3000)}"
 
+    def start_run(self, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        """A new flow run of ``deployment`` (``flow/name``), for the worker to pick up."""
+        found = self.api("GET", f"/deployments/name/{deployment}")
+        return self.api(
+            "POST", f"/deployments/{found['id']}/create_flow_run",
+            json={"parameters": parameters},
+        )
+
+    def wait(self, flow_run_id: str, timeout: float = FLOW_RUN_TIMEOUT) -> dict[str, Any]:
+        """The flow run once it is in a terminal state (fails the test after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            flow_run = self.api("GET", f"/flow_runs/{flow_run_id}")
+            if flow_run["state"]["type"] in TERMINAL:
+                return flow_run
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"flow run {flow_run_id} not finished after {timeout}s "
+                    f"(state {flow_run['state']['type']})\n{self.logs_tail()}"
+                )
+            time.sleep(3)
+
+    def child_flow_runs(self, flow_run_id: str) -> list[dict[str, Any]]:
+        """The flow runs nested in a flow run, each with its flow's name as ``flow``."""
+        children = self.api(
+            "POST",
+            "/flow_runs/filter",
+            json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}},
+                  "limit": 200, "offset": 0},
+        )
+        if not children:
+            return []
+        flows = {f["id"]: f["name"] for f in self.api(
+            "POST", "/flows/filter",
+            json={"flows": {"id": {"any_": sorted({c["flow_id"] for c in children})}},
+                  "limit": 50, "offset": 0},
+        )}
+        return [c | {"flow": flows[c["flow_id"]]} for c in children]
+
     def listening_addresses(self) -> set[str]:
         return listening_addresses(self.port)
 
@@ -253,8 +293,9 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectS
             env, logs / "create-work-pools.log", 180,
         )
         deploy_output = run_script(
-            [str(VENV_BIN / "prefect"), "--no-prompt", "deploy", "--name", "demo"],
-            env, logs / "deploy.log", 300,
+            [str(VENV_BIN / "prefect"), "--no-prompt", "deploy", "--name", "demo",
+             "--name", "cohort-on-demand"],
+            env | {"PROSTATE_COHORT_DATA_ROOT": str(base / "cohort")}, logs / "deploy.log", 300,
         )
         worker = Service.start(
             "worker",
@@ -294,37 +335,12 @@ def demo_flow_run(
     stack = prefect_stack
     output_root = tmp_path_factory.mktemp("demo-output")
     deployment = stack.api("GET", "/deployments/name/demo/demo")
-    created = stack.api(
-        "POST",
-        f"/deployments/{deployment['id']}/create_flow_run",
-        json={"parameters": {"patients": 3, "output_root": str(output_root)}},
-    )
-    deadline = time.monotonic() + FLOW_RUN_TIMEOUT
-    flow_run = created
-    while time.monotonic() < deadline:
-        flow_run = stack.api("GET", f"/flow_runs/{created['id']}")
-        if flow_run["state"]["type"] in TERMINAL:
-            break
-        time.sleep(3)
-    else:
-        pytest.fail(
-            f"flow run {created['id']} not finished after {FLOW_RUN_TIMEOUT}s "
-            f"(state {flow_run['state']['type']})\n{stack.logs_tail()}"
-        )
+    created = stack.start_run("demo/demo", {"patients": 3, "output_root": str(output_root)})
+    flow_run = stack.wait(created["id"])
     task_runs = _task_runs(stack, [flow_run["id"]])
     # the flow runs nested in it: one `patient` flow run per patient, and the evaluation
-    children = stack.api(
-        "POST",
-        "/flow_runs/filter",
-        json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run["id"]]}},
-              "limit": 50, "offset": 0},
-    )
-    flows = {f["id"]: f["name"] for f in stack.api(
-        "POST", "/flows/filter",
-        json={"flows": {"id": {"any_": sorted({c["flow_id"] for c in children})}},
-              "limit": 50, "offset": 0},
-    )}
-    patient_flow_runs = [c for c in children if flows[c["flow_id"]] == "patient"]
+    children = stack.child_flow_runs(flow_run["id"])
+    patient_flow_runs = [c for c in children if c["flow"] == "patient"]
     # REST, with limit and offset given: the client's read_artifacts sends them as JSON null,
     # which this server's FastAPI answers with 422.
     artifacts = stack.api(
@@ -340,7 +356,7 @@ def demo_flow_run(
         "deployment": deployment,
         "flow_run": flow_run,
         "task_runs": task_runs,
-        "child_flows": sorted(flows[c["flow_id"]] for c in children),
+        "child_flows": sorted(c["flow"] for c in children),
         "patient_flow_runs": patient_flow_runs,
         "step_task_runs": _task_runs(stack, [f["id"] for f in patient_flow_runs]),
         "artifacts": {a["key"]: a for a in artifacts if a.get("key")},

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -243,15 +245,7 @@ def test_ui_shows_the_flow_run_and_its_artifacts(
     ui = prefect_stack.ui_url
     browser.call("Page.navigate", url=f"{ui}/runs/flow-run/{flow_run['id']}")
     browser.wait_for_text(flow_run["name"], "Completed", "cpu-pool", "Artifacts")
-    clicked = browser.evaluate(
-        """(() => {
-            const tab = [...document.querySelectorAll('[role=tab], .p-tab, button, li')]
-                .find(e => e.textContent.trim() === 'Artifacts');
-            if (tab) { tab.click(); return true; }
-            return false;
-        })()"""
-    )
-    assert clicked, "no Artifacts tab on the flow-run page"
+    assert _click_tab(browser, "Artifacts"), "no Artifacts tab on the flow-run page"
     browser.wait_for_text(flow_run["name"], "cohort-summary", "cohort-progress")
     browser.screenshot(OUTPUTS / "prefect-ui-flow-run.png")
 
@@ -259,3 +253,77 @@ def test_ui_shows_the_flow_run_and_its_artifacts(
     browser.wait_for_text("cohort-summary", "3 patients: 3 completed, 0 failed.")
     browser.screenshot(OUTPUTS / "prefect-ui-artifact.png")
     assert (OUTPUTS / "prefect-ui-flow-run.png").stat().st_size > 10_000
+
+
+def test_a_broken_exam_watched_and_retried_in_the_ui(
+    prefect_stack: Any, demo_flow_run: dict[str, Any], browser: Any, tmp_path: Path
+) -> None:
+    """Two good exams and one without DWI through the ``cohort-on-demand`` deployment: while
+    it runs, the UI lists the patients' flow runs under the cohort run; the broken patient's
+    flow run is Failed with its step and reason (in its log too); the cohort run is "Completed with
+    failures"; a run with ``patients=[that patient]`` makes one new patient flow run only.
+    Screenshots: test-outputs/prefect-ui-patients-during-run.png, prefect-ui-failed-patient.png.
+    """
+    stack, ui = prefect_stack, prefect_stack.ui_url
+    exams = sorted((demo_flow_run["output_root"] / "demo-cohort" / "dicom").iterdir())
+    cohort, out = tmp_path / "cohort", tmp_path / "out"
+    for exam in exams[:2]:
+        shutil.copytree(exam, cohort / exam.name)
+    broken = cohort / "SYN-BROKEN"
+    shutil.copytree(exams[0], broken)  # its DWI series folders are named "...diff..."
+    dwis = [d for d in broken.rglob("*") if d.is_dir() and "diff" in d.name.lower()]
+    assert dwis
+    for dwi in dwis:
+        shutil.rmtree(dwi)  # no DWI left: the exam cannot be processed
+    parameters = {"root": str(cohort), "output_root": str(out), "models": ["demo"]}
+    cohort_run = stack.start_run("cohort/cohort-on-demand", parameters)
+
+    # During the run: the cohort run's "Subflow Runs" tab lists its patients as they run.
+    deadline = time.monotonic() + 300
+    while not any(c["flow"] == "patient" for c in stack.child_flow_runs(cohort_run["id"])):
+        assert time.monotonic() < deadline, f"no patient flow run yet\n{stack.logs_tail()}"
+        time.sleep(1)
+    running = stack.api("GET", f"/flow_runs/{cohort_run['id']}")["state"]["type"]
+    browser.call("Page.navigate", url=f"{ui}/runs/flow-run/{cohort_run['id']}")
+    browser.wait_for_text(cohort_run["name"], "Subflow Runs")
+    assert _click_tab(browser, "Subflow Runs")
+    first = next(c for c in stack.child_flow_runs(cohort_run["id"]) if c["flow"] == "patient")
+    browser.wait_for_text(first["name"])
+    browser.screenshot(OUTPUTS / "prefect-ui-patients-during-run.png")
+    assert running == "RUNNING", "the cohort run ended before its patients could be watched"
+
+    finished = stack.wait(cohort_run["id"])
+    assert finished["state"]["type"] == "COMPLETED", finished["state"]
+    assert finished["state"]["name"] == "Completed with failures"
+    assert finished["state"]["message"] == "2/3 patients completed; 1 failed (1 in ingest)"
+    patients = [c for c in stack.child_flow_runs(cohort_run["id"]) if c["flow"] == "patient"]
+    assert len(patients) == 3 and all(re.fullmatch(PATIENT, p["name"]) for p in patients)
+    failed = [p for p in patients if p["state"]["type"] == "FAILED"]
+    assert len(failed) == 1 and failed[0]["state"]["message"].startswith("ingest: ")
+    assert sum(p["state"]["type"] == "COMPLETED" for p in patients) == 2
+
+    browser.call("Page.navigate", url=f"{ui}/runs/flow-run/{failed[0]['id']}")
+    # its Logs tab says which step failed and why
+    browser.wait_for_text(failed[0]["name"], "Failed", failed[0]["state"]["message"])
+    browser.screenshot(OUTPUTS / "prefect-ui-failed-patient.png")
+
+    # Retry that patient alone: one new patient flow run, no other.
+    retry = stack.wait(
+        stack.start_run(
+            "cohort/cohort-on-demand", parameters | {"patients": [failed[0]["name"]]}
+        )["id"]
+    )
+    again = [c for c in stack.child_flow_runs(retry["id"]) if c["flow"] == "patient"]
+    assert [c["name"] for c in again] == [failed[0]["name"]], again
+    assert again[0]["state"]["type"] == "FAILED" and retry["state"]["type"] == "FAILED"
+
+
+def _click_tab(browser: Any, name: str) -> bool:
+    return bool(browser.evaluate(
+        f"""(() => {{
+            const tab = [...document.querySelectorAll('[role=tab], .p-tab, button, li')]
+                .find(e => e.textContent.trim() === {json.dumps(name)});
+            if (tab) {{ tab.click(); return true; }}
+            return false;
+        }})()"""
+    ))
