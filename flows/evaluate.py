@@ -39,7 +39,7 @@ from db.record import record_evaluation_metrics, supersede_evaluations
 from db.store import session_scope
 from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
-from flows.segment import qc_figure_path
+from flows.segment import mask_paths, qc_figure_path
 from flows.settings import load_settings
 from flows.steps import engine_for
 from tasks.derivatives import derivative_path
@@ -120,9 +120,9 @@ def reference_kind(name: str) -> str:
     return REFERENCE_KINDS.get(word, "gland")
 
 
-def outputs_zones(mask_path: str) -> bool:
+def outputs_zones(mask_path: str, model: str) -> bool:
     """Whether a model's mask has several labels (zones), from its JSON sidecar."""
-    sidecar = Path(mask_path.removesuffix(".gz").removesuffix(".nii") + ".json")
+    _, sidecar = mask_paths(Path(mask_path).parents[1], model)
     try:
         labels = json.loads(sidecar.read_text()).get("labels", {})
     except (OSError, ValueError):
@@ -216,7 +216,7 @@ def evaluate_flow(
                 unmatched.append(f"{ref.name}: {ref.path.name} (no processed exam with a mask)")
                 continue
             for model, mask_path in sorted(masks.items()):
-                if kind == "zones" and not outputs_zones(mask_path):
+                if kind == "zones" and not outputs_zones(mask_path, model):
                     _count(
                         skipped,
                         f"{ref.name}: zonal, and model {model} outputs the whole gland only",

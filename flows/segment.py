@@ -78,6 +78,15 @@ def qc_figure_path(exam_dir: Path, label: str, reference: str | None = None) -> 
     )
 
 
+def mask_paths(exam_dir: Path, label: str) -> tuple[Path, Path]:
+    """A model's mask on the T2 grid and its JSON sidecar (labels, volumes) in an exam."""
+    names = {"suffix": "dseg", "space": "T2w", "model": label}
+    return (
+        derivative_path(exam_dir, "seg", **names),
+        derivative_path(exam_dir, "seg", extension=".json", **names),
+    )
+
+
 def _read(ref: FileRef | None) -> sitk.Image | None:
     return None if ref is None else sitk.ReadImage(ref.path, sitk.sitkFloat32)
 
@@ -114,10 +123,7 @@ def segment_task(
         parameters = params.model_dump(mode="json") | {"model": label}
         record_failure(ctx, patient, SEGMENT, label, inputs, parameters, error)
         raise
-    path = derivative_path(exam_dir, "seg", suffix="dseg", space="T2w", model=label)
-    sidecar = derivative_path(
-        exam_dir, "seg", suffix="dseg", extension=".json", space="T2w", model=label
-    )
+    path, sidecar = mask_paths(exam_dir, label)
     made: dict[str, Any] = {}
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:

@@ -244,3 +244,16 @@ def test_a_reference_on_another_grid_fails_alone(demo, references: Path, tmp_pat
     (error,) = evaluation["errors"]
     assert "SYN-0002.nii.gz" in error and "grid" in error.lower()
     assert main(["evaluate", "--reference", str(folder), "--output", str(out)]) == 1
+
+
+def test_a_model_outputs_zones_when_its_mask_has_several_labels(tmp_path: Path) -> None:
+    from flows.evaluate import outputs_zones
+    from flows.segment import mask_paths
+
+    exam = tmp_path / "P0123456789ab" / "S0123456789ab"
+    for model, labels in (("zonal", {"1": "pz", "2": "tz"}), ("whole", {"1": "gland"})):
+        mask, sidecar = mask_paths(exam, model)
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        sidecar.write_text(json.dumps({"labels": labels}))
+        assert outputs_zones(str(mask), model) is (model == "zonal")
+    assert outputs_zones(str(mask_paths(exam, "missing")[0]), "missing") is False
