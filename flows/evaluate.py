@@ -227,7 +227,10 @@ def evaluate_flow(
                 except (InputError, RuntimeError) as error:  # RuntimeError: unreadable file
                     problem = getattr(error, "problem", None) or str(error).strip()
                     errors.append(f"{ref.name}: {ref.path} vs {model} mask of {patient}: {problem}")
-                    failed = {"status": "error", "step": "evaluate", "error": problem}
+                    # the reference's path holds the exam's folder name: never logged or stored
+                    safe = problem.replace(str(ref.path), f"the {ref.name} mask")
+                    logger.error("%s vs model %s, patient %s: %s", ref.name, model, patient, safe)
+                    failed = {"status": "error", "step": "evaluate", "error": safe}
                     outcomes.append({"patient": patient} | failed)
                     continue
                 cases.append(case)
@@ -269,8 +272,6 @@ def evaluate_flow(
             sum(skipped.values()),
             len(errors),
         )
-        for line in errors:
-            logger.error(line)
         run.finish(outcomes)
     return {
         "cases": cases,

@@ -239,10 +239,18 @@ def test_a_reference_on_another_grid_fails_alone(demo, references: Path, tmp_pat
     shutil.copytree(references, folder)
     (folder / "NOT-AN-EXAM.nii.gz").unlink()
     sitk.WriteImage(sitk.Image(16, 16, 4, sitk.sitkUInt8) + 1, str(folder / "SYN-0002.nii.gz"))
+    (folder / "SYN-0003.nii.gz").write_bytes(b"not an image")  # unreadable
     evaluation = evaluate_flow(references=[str(folder)], output_root=str(out))
-    assert len(evaluation["cases"]) == 3  # the other three exams are still evaluated
-    (error,) = evaluation["errors"]
-    assert "SYN-0002.nii.gz" in error and "grid" in error.lower()
+    assert len(evaluation["cases"]) == 2  # the other two exams are still evaluated
+    grid, unreadable = sorted(evaluation["errors"])
+    assert "SYN-0002.nii.gz" in grid and "grid" in grid.lower()  # the terminal names the file
+    assert "SYN-0003.nii.gz" in unreadable
+    # ... the database does not: the exam folder's name is never stored
+    (summary,) = _rows(
+        out, "SELECT summary FROM pipeline_run WHERE command LIKE 'evaluate %mixed' "
+        "ORDER BY started_at DESC LIMIT 1"
+    )
+    assert "SYN-000" not in summary["summary"] and "the mixed mask" in summary["summary"]
     assert main(["evaluate", "--reference", str(folder), "--output", str(out)]) == 1
 
 
