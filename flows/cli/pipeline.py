@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,13 +91,17 @@ def demo_epilogue(result: dict[str, Any], config: str | None) -> str:
         )
     if not evaluation:
         lines.append("no mask to compare with the known truth (every patient failed)")
-    prefix = f"prostate-cohort{f' --config {config}' if config else ''}"
+    # the commands as this one was called (e.g. .venv/bin/prostate-cohort), so they run as shown
+    program = sys.argv[0] if Path(sys.argv[0]).name == "prostate-cohort" else "prostate-cohort"
+    prefix = f"{program}{f' --config {config}' if config else ''}"
+    prefect = Path(program).with_name("prefect") if "/" in program else Path("prefect")
+    home = f"PREFECT_HOME={os.environ['PREFECT_HOME']} " if os.environ.get("PREFECT_HOME") else ""
     lines += [
         "look at them:",
         f"  {prefix} report --output {out}        # HTML report: volumes, QC figures, Dice",
         f"  {prefix} status --output {out}        # per patient: steps and what ran",
         f"  {prefix} features --output {out} --wide -o features.csv   # radiomics",
-        "  prefect server start                  # the runs in the Prefect UI, "
+        f"  {home}{prefect} server start          # the runs in the Prefect UI, "
         "http://127.0.0.1:4200",
     ]
     return "\n".join(lines)

@@ -345,11 +345,18 @@ def test_demo_refuses_an_output_tree_holding_a_cohort(tmp_path: Path, capsys, mo
     assert not (tmp_path / "demo-cohort").exists()
 
 
-def test_demo_ends_with_its_dice_and_the_commands_to_look(demo) -> None:
-    """The demo compares each mask with the exam's true gland and says where to look."""
+def test_demo_ends_with_its_dice_and_the_commands_to_look(demo, monkeypatch) -> None:
+    """The demo compares each mask with the exam's true gland and says where to look, with
+    the commands as it was called (so they run when copied)."""
     from flows.cli.pipeline import demo_epilogue
 
     out, result = demo
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    monkeypatch.setattr("sys.argv", ["/opt/pc/.venv/bin/prostate-cohort", "demo"])
+    called = demo_epilogue(result, None)
+    assert f"/opt/pc/.venv/bin/prostate-cohort report --output {out}" in called
+    assert "/opt/pc/.venv/bin/prefect server start" in called
+    monkeypatch.setattr("sys.argv", ["-m", "demo"])
     (row,) = result["evaluation"]["summary"]
     assert row["reference"] == "t2_gland_mask" and row["dice"]["n"] == 4
     assert row["dice"]["mean"] >= 0.85
