@@ -126,6 +126,19 @@ def test_render_escapes_text_and_handles_an_empty_database(db_engine, tmp_path: 
     assert "P000000000001: no QC figure (failed in n4)" in text
 
 
+def test_evaluation_of_one_patient_shows_its_mean(db_engine, tmp_path: Path) -> None:
+    """With one patient a reference has a mean and no SD: the table shows the mean alone."""
+    with Session(db_engine) as session:
+        empty = collect_report_data(session)
+    one = pd.DataFrame(
+        [{"patient": "P000000000001", "model": "taps", "reference": "gland_Bosma22b",
+          "label_name": "gland", "dice": 0.8391, "hd95": 4.25}]
+    )
+    text = render_report(dataclasses.replace(empty, evaluation=one), base_dir=tmp_path)
+    assert "<td>0.839</td>" in text and "nan" not in text.lower()
+    assert "<th>patients</th>" in text
+
+
 def test_a_missing_figure_gets_a_note_not_a_broken_link(analysed_demo, tmp_path: Path) -> None:
     engine = make_engine(analysed_demo.url)
     with session_scope(engine) as session:
