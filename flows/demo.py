@@ -22,7 +22,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from flows.checks import check_database, check_models
+from flows.checks import check_database, check_demo_tree, check_models
 from flows.evaluate import evaluate_flow
 from flows.ingest import patient_id_of
 from flows.patient import run_patients
@@ -88,6 +88,7 @@ def demo_flow(
     command = f"demo --patients {n} --seed {seed}"
     models = resolve_models([settings.segmentation.model], demo=True)
     check_database(settings)
+    check_demo_tree(settings)  # also when started as a deployment, not only from the CLI
     check_models(models, settings, demo=True)
     with pipeline_run(settings, command=command, force=force, force_steps=force_steps) as (
         ctx,

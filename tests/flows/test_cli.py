@@ -329,19 +329,34 @@ def test_demo_writes_to_a_tree_and_database_of_its_own(
     assert not (tmp_path / "cohort-out").exists() and not (tmp_path / "cohort.sqlite").exists()
 
 
-def test_demo_refuses_an_output_tree_holding_a_cohort(tmp_path: Path, capsys, monkeypatch) -> None:
+def _cohort_run_on_record(out: Path) -> None:
     from db.record import begin_pipeline_run
     from db.store import make_engine, session_scope, upgrade
 
-    _no_flow(monkeypatch)
-    url = f"sqlite:///{tmp_path / 'provenance.sqlite'}"
+    url = f"sqlite:///{out / 'provenance.sqlite'}"
     upgrade(url)
     with session_scope(make_engine(url)) as session:
         begin_pipeline_run(
             session, command="run /data", settings={}, software_versions={}, host="h"
         )
+
+
+def test_demo_refuses_an_output_tree_holding_a_cohort(tmp_path: Path, capsys, monkeypatch) -> None:
+    _no_flow(monkeypatch)
+    _cohort_run_on_record(tmp_path)
     assert main(["demo", "--output", str(tmp_path)]) == 2
     assert "holds a cohort's results (run on record)" in capsys.readouterr().err
+    assert not (tmp_path / "demo-cohort").exists()
+
+
+def test_demo_flow_refuses_it_too(tmp_path: Path, prefect_server) -> None:
+    """As a deployment's run (no command line), the demo flow checks the tree itself."""
+    from flows.demo import demo_flow
+    from flows.settings import SettingsError
+
+    _cohort_run_on_record(tmp_path)
+    with pytest.raises(SettingsError, match="holds a cohort's results"):
+        demo_flow(patients=1, output_root=str(tmp_path))
     assert not (tmp_path / "demo-cohort").exists()
 
 
