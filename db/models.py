@@ -344,6 +344,28 @@ class EvaluationMetric(SQLModel, table=True):
     created_at: datetime = _created_at()
 
 
+class QcMetric(SQLModel, table=True):
+    """One quality-control metric of a model's mask and its exam, for one patient (long
+    form). Names, units and meanings: ``tasks.qc_metrics.METRICS``; the status and reasons
+    are judged when read (``flows.qc_review``), so thresholds can change without recomputing.
+    """
+
+    __tablename__ = "qc_metric"
+    __table_args__ = (Index("ix_qc_metric_patient_model", "patient_id", "model"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    patient_id: int = Field(foreign_key="patient.id", ondelete="CASCADE")
+    step_run_id: int = Field(foreign_key="step_run.id", ondelete="CASCADE", index=True)
+    """The ``qc`` step run that measured it."""
+    model: str = Field(max_length=128)
+    metric: str = Field(max_length=64)
+    """E.g. ``residual_shift_mm``, ``volume_ml``, ``dice_vs_taps``."""
+    value: float | None = None
+    """In the metric's unit; NULL where it does not apply or is text."""
+    text: str | None = Field(default=None, max_length=255)
+    """Text-valued metrics (``reg_stage``, ``dwi_b_values``)."""
+
+
 TABLES = (
     Patient,
     Study,
@@ -354,5 +376,6 @@ TABLES = (
     Segmentation,
     RadiomicsFeature,
     EvaluationMetric,
+    QcMetric,
 )
 """Every table class, parents before children."""

@@ -11,6 +11,8 @@ a string or a sequence of strings keeps the rows matching any of them, ``None`` 
   patient x image x mask, one column per feature);
 - ``volumes``: mask volumes per patient, model and label, mL;
 - ``evaluation_metrics``: agreement with reference masks (Dice, HD95 in mm, ...);
+- ``qc_metrics``: measured quality-control metrics per patient and model
+  (``tasks.qc_metrics.METRICS``; the review list is ``flows.qc_review``);
 - in :mod:`db.run_queries`, how the runs went: ``pipeline_runs``, ``step_timings`` and
   ``step_time_summary`` (seconds), ``step_failures`` (with reasons), ``step_runs``
   (provenance), ``qc_figures``.
@@ -48,6 +50,7 @@ from db.models import (
     Artifact,
     EvaluationMetric,
     Patient,
+    QcMetric,
     RadiomicsFeature,
     Segmentation,
     StepRun,
@@ -453,3 +456,39 @@ def evaluation_metrics(
     table = long.pivot(index=keys, columns="metric", values="value").reset_index()
     table.columns.name = None
     return table
+
+
+def qc_metrics(
+    session: Session,
+    *,
+    patients: Names = None,
+    models: Names = None,
+    pipeline_run_id: str | None = None,
+    latest: bool = True,
+    wide: bool = False,
+) -> pd.DataFrame:
+    """Quality-control metrics per patient and model (names and units:
+    ``tasks.qc_metrics.METRICS``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Long: ``patient, model, metric, value, text, step_run_id, pipeline_run_id``
+        (``value`` in the metric's unit, NaN where it does not apply; ``text`` for the text
+        metrics). ``latest``: the newest QC run of each patient and model. ``wide=True``:
+        one row per patient x model, one column per metric (text metrics as text).
+    """
+    q = QcMetric
+    query = results_query(
+        q, q.model, q.metric, q.value, q.text, q.step_run_id, StepRun.pipeline_run_id
+    ).order_by(Patient.pseudo_id, q.model, q.metric, q.step_run_id)
+    query = _runs_kept(query, q, ("patient_id", "model"), latest=latest, run=pipeline_run_id)
+    for column, value in ((Patient.pseudo_id, patients), (q.model, models)):
+        query = where_in(query, column, value)
+    long = read_frame(session, query).astype({"value": "float64"})
+    if not wide:
+        return long
+    cells = long.assign(cell=long["text"].where(long["text"].notna(), long["value"]))
+    table = cells.pivot(index=["patient", "model"], columns="metric", values="cell")
+    table.columns.name = None
+    return table.reset_index()

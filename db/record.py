@@ -33,6 +33,7 @@ from db.models import (
     EvaluationMetric,
     Patient,
     PipelineRun,
+    QcMetric,
     RadiomicsFeature,
     Segmentation,
     Series,
@@ -419,6 +420,32 @@ def record_evaluation_metrics(
             label_name=label_name,
             metric=metric,
             value=_number(value),
+        )
+        for metric, value in metrics.items()
+    ]
+    session.add_all(rows)
+    session.flush()
+    return rows
+
+
+def record_qc_metrics(
+    session: Session,
+    *,
+    patient_pseudo_id: str,
+    step_run_id: int,
+    model: str,
+    metrics: Mapping[str, float | str | None],
+) -> list[QcMetric]:
+    """Add one row per QC metric: numbers in ``value`` (NaN as NULL), text in ``text``."""
+    patient_id = ensure_patient(session, patient_pseudo_id).id
+    rows = [
+        QcMetric(
+            patient_id=patient_id,
+            step_run_id=step_run_id,
+            model=model,
+            metric=metric,
+            value=None if isinstance(value, str) else _number(value),
+            text=value if isinstance(value, str) else None,
         )
         for metric, value in metrics.items()
     ]

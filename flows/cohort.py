@@ -86,7 +86,7 @@ def cohort_flow(
             exams, ctx, settings, specs, on_progress=LiveProgress(ctx, [p for _, p in exams])
         )
         run.finish(results)
-        publish_run(ctx, results, title=f"Cohort run over {root}")
+        publish_run(ctx, results, title=f"Cohort run over {root}", thresholds=settings.qc)
     return final_state({"patients": results, "models": specs, "skipped": skipped_entries(found)})
 
 

@@ -114,7 +114,7 @@ def demo_flow(
             exams, ctx, settings, models, on_progress=LiveProgress(ctx, [p for _, p in exams])
         )
         run.finish(results)
-        publish_run(ctx, results, title=f"Demo run ({n} synthetic exams)")
+        publish_run(ctx, results, title=f"Demo run ({n} synthetic exams)", thresholds=settings.qc)
     evaluation = _against_truth(root, results, config_file, settings.output_root)
     return final_state(
         {

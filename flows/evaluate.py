@@ -37,9 +37,10 @@ from sqlmodel import Session
 from db.queries import has_patient, latest_mask_paths
 from db.record import record_evaluation_metrics, supersede_evaluations
 from db.store import session_scope
+from flows.qc import qc_figure_path
 from flows.runners import SettingsTaskRunner
 from flows.runs import pipeline_run, pseudonym_secret
-from flows.segment import mask_paths, qc_figure_path
+from flows.segment import mask_paths
 from flows.settings import load_settings
 from flows.steps import engine_for
 from tasks.derivatives import derivative_path

@@ -1,5 +1,6 @@
 """One patient, one Prefect flow run: ingest -> denoise -> N4 -> register -> b1000 -> ADC ->
-per model: segment -> radiomics -> QC figure, read like a table of steps.
+per model: segment -> radiomics, then per model QC (metrics and figure, comparing the
+models), read like a table of steps.
 
 The cohort flow runs :func:`patient_flow` for each exam through :func:`run_patients`: a task
 per patient on the flow's task runner (``threads.workers`` at once, or a Dask cluster), each
@@ -41,10 +42,10 @@ from flows.preprocess import (
     register_task,
     standardize_task,
 )
+from flows.qc import qc_task
 from flows.runs import pseudonym_secret
 from flows.segment import (
     model_label,
-    qc_task,
     radiomics_task,
     segment_task,
     segmentation_params,
@@ -144,22 +145,30 @@ def patient_flow(patient: str, job: Hidden) -> dict[str, Any] | State:
         maps = adc_task(patient, folder, registered, ctx, steps.dwi_fit)
         outputs.update({role: ref.path for role, ref in maps.items()})
         params = segmentation_params(settings.segmentation, ctx.threads)
+        masks: dict[str, dict[str, FileRef]] = {}
         for i, model in enumerate(work.models):
             label = model_label(model)
             step = SEGMENT.recorded(label)
-            masks = run_placed(
+            masks[label] = run_placed(
                 segment_task,
                 settings.segmentation.dask_resources,
                 *(patient, folder, maps, model, ctx, params),
             )
-            _add_output(outputs, "mask", label, masks["mask"].path, first=i == 0)
+            _add_output(outputs, "mask", label, masks[label]["mask"].path, first=i == 0)
             step = RADIOMICS.recorded(label)
             table = radiomics_task(
-                patient, folder, maps, masks, model, ctx, settings.measure.radiomics_file
+                patient, folder, maps, masks[label], model, ctx, settings.measure.radiomics_file
             )
             _add_output(outputs, "radiomics", label, table.path, first=i == 0)
+        scanner_adc = next(
+            (r for r in ingested_refs(ingested, out_dir) if r.role == "adc_scanner"), None
+        )
+        for i, model in enumerate(work.models):  # after every model: QC compares them
+            label = model_label(model)
             step = QC.recorded(label)
-            figure = qc_task(patient, folder, maps, masks, model, ctx)
+            figure = qc_task(
+                patient, folder, maps, registered, masks, model, ctx, steps.dwi_fit, scanner_adc
+            )
             _add_output(outputs, "qc", label, figure.path, first=i == 0)
     except Exception as error:
         problem = str(error) if isinstance(error, StepError) else f"{type(error).__name__}: {error}"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,18 @@ def _run(
     params: dict[str, Any],
     work: Callable[[], tuple[list[FileRef], dict[str, Any]]],
 ) -> list[FileRef]:
+    return _run_step(ctx, patient, spec, inputs, params, work)[0]
+
+
+def _run_step(
+    ctx: RunContext,
+    patient: str,
+    spec: StepSpec,
+    inputs: list[FileRef],
+    params: dict[str, Any],
+    work: Callable[[], tuple[list[FileRef], dict[str, Any]]],
+) -> tuple[list[FileRef], dict[str, Any]]:
+    """Outputs and recorded details (also on a cache hit) of one step."""
     apply_thread_limits(ctx.threads)
     outcome = execute_step(
         ctx,
@@ -108,7 +120,7 @@ def _run(
         parameters=params,
         run=work,
     )
-    return list(outcome.outputs)
+    return list(outcome.outputs), dict(outcome.details or {})
 
 
 @step_task(DENOISE)
@@ -208,6 +220,8 @@ class RegisteredImages:
     dwi_b1000: FileRef | None = None
     hbv: FileRef | None = None
     adc_scanner: FileRef | None = None
+    alignment: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The register step's recorded details (:meth:`tasks.align.Alignment.details`)."""
 
     def inputs(self) -> list[FileRef]:
         """Every file the DWI fits read."""
@@ -215,7 +229,7 @@ class RegisteredImages:
         return [self.t2w, *self.dwi, *self.moco, *self.motion, self.t2_to_dwi, *extra]
 
 
-def _t2_to_dwi_path(exam_dir: Path) -> Path:
+def t2_to_dwi_path(exam_dir: Path) -> Path:
     """The T2 -> DWI map (ITK, LPS): ``xfm/<p>_<s>_from-T2w_to-dwi.tfm``."""
     return derivative_path(exam_dir, "xfm", suffix=None, extension=".tfm", to="dwi", **_FROM_T2)
 
@@ -247,18 +261,20 @@ def register_task(
             tfm = derivative_path(exam_dir, "xfm", suffix=None, extension=".tfm", b=b, to="lowb")
             save_transform(registered.motion[b], tfm)
             outputs.append(FileRef.of(f"xfm_b{b_label(b)}_to_lowb", tfm))
-        tfm = _t2_to_dwi_path(exam_dir)
+        tfm = t2_to_dwi_path(exam_dir)
         save_transform(registered.alignment.transform, tfm)
         outputs.append(FileRef.of("xfm_t2_to_dwi", tfm))
         return outputs, registered.alignment.details()
 
-    out = _run(ctx, patient, REGISTER, [t2w, *images.dwi], params.model_dump(mode="json"), work)
+    inputs = [t2w, *images.dwi]
+    out, details = _run_step(ctx, patient, REGISTER, inputs, params.model_dump(mode="json"), work)
     return RegisteredImages(
         t2w=t2w,
         dwi=tuple(images.dwi),
         moco=tuple(r for r in dwi_refs(out).values() if r.role.endswith("_moco")),
         motion=tuple(r for r in out if r.role.startswith("xfm_b")),
         t2_to_dwi=next(r for r in out if r.role == "xfm_t2_to_dwi"),
+        alignment=details,
     )
 
 
@@ -283,13 +299,13 @@ def _register_hbv(
 
     def work() -> tuple[list[FileRef], dict[str, Any]]:
         alignment = align_dwi_to_t2(_read(images.t2w.path), _read(hbv.path), params=params)
-        tfm = _t2_to_dwi_path(exam_dir)
+        tfm = t2_to_dwi_path(exam_dir)
         save_transform(alignment.transform, tfm)
         skipped = f"motion correction skipped: {_NO_B_VALUES}; the hbv is the DWI reference"
         return [FileRef.of("xfm_t2_to_dwi", tfm)], alignment.details() | {"skipped": skipped}
 
     inputs = [images.t2w, hbv]
-    out = _run(ctx, patient, REGISTER, inputs, params.model_dump(mode="json"), work)
+    out, details = _run_step(ctx, patient, REGISTER, inputs, params.model_dump(mode="json"), work)
     return RegisteredImages(
         t2w=images.t2w,
         dwi=(),
@@ -298,6 +314,7 @@ def _register_hbv(
         t2_to_dwi=out[0],
         hbv=hbv,
         adc_scanner=images.adc_scanner,
+        alignment=details,
     )
 
 

@@ -5,7 +5,8 @@ Artifacts (keys are stable, so the UI keeps one history per key across runs):
 - ``cohort-progress``: a table, one row per patient (pseudonymous id), one column per
   step: its newest state in the provenance database (``completed``, ``failed``, ``-``);
 - ``cohort-summary``: Markdown: counts, failures with step and reason, per-step time;
-- ``cohort-qc``: Markdown links to the QC figures of the patients that failed a step.
+- ``cohort-qc``: Markdown: the QC review list of the run's exams (flagged ones worst first,
+  with reasons; :mod:`flows.qc_review`) and the patients that failed a step.
 
 While the run goes on, ``cohort-progress`` is a table of every patient's state (``done``,
 ``failed`` with its step, ``running``, ``waiting``) and seconds, its description the counts
@@ -28,7 +29,9 @@ from prefect.states import Completed, Failed, State
 
 from db.queries import patient_status, patients_started
 from db.store import session_scope
+from flows.qc_review import review_list, review_markdown
 from flows.steps import RunContext, engine_for
+from tasks.qc_flags import QcThresholds
 from tasks.registry import INGEST, step_names
 
 #: The name of the final state of a run where some, not all, patients failed.
@@ -69,9 +72,16 @@ def summary_markdown(results: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(results: list[dict[str, Any]], status: list[dict[str, Any]], *, title: str) -> None:
+def publish(
+    results: list[dict[str, Any]],
+    status: list[dict[str, Any]],
+    *,
+    title: str,
+    review: list[dict[str, Any]] | None = None,
+) -> None:
     """Create the run's artifacts (see the module docstring); ``status`` is
-    :func:`db.queries.patient_status` of the run's patients."""
+    :func:`db.queries.patient_status` of the run's patients, ``review`` their
+    :func:`flows.qc_review.review_list`."""
     create_table_artifact(
         table=progress_rows(status),
         key="cohort-progress",
@@ -82,17 +92,19 @@ def publish(results: list[dict[str, Any]], status: list[dict[str, Any]], *, titl
         key="cohort-summary",
         description="Counts and failures of this run",
     )
-    qc = [
+    failed = [
         f"- {r['patient']}: failed in {r.get('step') or 'ingest'}"
-        + (f"; [QC figure]({r['outputs']['qc']})" if r.get("outputs", {}).get("qc") else "")
         for r in results
         if r["status"] == "error"
     ]
-    if qc:
+    markdown = review_markdown(review) if review else ""
+    if failed:
+        markdown += "\n# Patients that failed a step\n\n" + "\n".join(failed) + "\n"
+    if markdown:
         create_markdown_artifact(
-            markdown="# Patients to check\n\n" + "\n".join(qc) + "\n",
+            markdown=markdown,
             key="cohort-qc",
-            description="Patients that failed a step, with their QC figure where one exists",
+            description="QC review list (flagged exams first, with reasons) and failed patients",
         )
 
 
@@ -167,9 +179,18 @@ class LiveProgress:
         publish_progress(live_rows(self.patients, entries, started), progress.line())
 
 
-def publish_run(ctx: RunContext, results: list[dict[str, Any]], *, title: str) -> None:
-    """:func:`publish` for the patients of ``results``, their progress read from the DB."""
+def publish_run(
+    ctx: RunContext,
+    results: list[dict[str, Any]],
+    *,
+    title: str,
+    thresholds: QcThresholds | None = None,
+) -> None:
+    """:func:`publish` for the patients of ``results``, their progress and QC read from the
+    DB (QC statuses judged against every exam so far, with ``thresholds``)."""
+    patients = {r["patient"] for r in results}
     with session_scope(engine_for(ctx.database_url)) as session:
         status = patient_status(session)
-    patients = {r["patient"] for r in results}
-    publish(results, [p for p in status if p["patient"] in patients], title=title)
+        review = review_list(session, thresholds, patients=sorted(patients))
+    mine = [p for p in status if p["patient"] in patients]
+    publish(results, mine, title=title, review=review)

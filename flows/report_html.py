@@ -22,9 +22,10 @@ import base64
 import html
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -36,7 +37,9 @@ from sqlmodel import Session
 
 from db.queries import evaluation_metrics, volumes
 from db.run_queries import pipeline_runs, qc_figures, step_failures, step_time_summary, step_timings
+from flows.qc_review import counts, review_list
 from tasks.io import write_text_atomic
+from tasks.qc_flags import QcThresholds
 
 #: Longest side of a QC thumbnail, pixels.
 THUMBNAIL_PX = 320
@@ -77,9 +80,11 @@ class ReportData:
     """:func:`db.run_queries.qc_figures`."""
     evaluation: pd.DataFrame
     """:func:`db.queries.evaluation_metrics` in wide form (empty without references)."""
+    review: list[dict[str, Any]] = field(default_factory=list)
+    """:func:`flows.qc_review.review_list`, worst first."""
 
 
-def collect_report_data(session: Session) -> ReportData:
+def collect_report_data(session: Session, thresholds: QcThresholds | None = None) -> ReportData:
     """Read everything the report shows: the cohort as it stands (newest results)."""
     timings = step_timings(session)
     return ReportData(
@@ -90,13 +95,20 @@ def collect_report_data(session: Session) -> ReportData:
         volumes=volumes(session, labels="gland"),
         qc=qc_figures(session),
         evaluation=evaluation_metrics(session, wide=True),
+        review=review_list(session, thresholds),
     )
 
 
-def write_report(session: Session, path: str | Path, *, title: str = "Cohort report") -> ReportData:
+def write_report(
+    session: Session,
+    path: str | Path,
+    *,
+    title: str = "Cohort report",
+    thresholds: QcThresholds | None = None,
+) -> ReportData:
     """Collect the data, render the report and write it atomically to ``path``."""
     path = Path(path).resolve()
-    data = collect_report_data(session)
+    data = collect_report_data(session, thresholds)
     write_text_atomic(path, render_report(data, base_dir=path.parent, title=title))
     return data
 
@@ -111,6 +123,7 @@ def render_report(
     """The report as one HTML document; links to QC figures are relative to ``base_dir``."""
     when = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
+        _section("QC review list", _review_html(data.review, base_dir)),
         _section("Run summary", _summary_html(data)),
         _section("Failures", _failures_html(data.failures)),
         _section("Time per step", _step_times_html(data.step_times)),
@@ -241,8 +254,55 @@ def _qc_grid_html(data: ReportData, base_dir: Path) -> str:
         if figures.empty:
             why = f"failed in {failed[patient]}" if patient in failed else "not segmented yet"
             cards.append(_card(f"{patient}: no QC figure ({why})", patient in failed))
-    note = "<p>Click a thumbnail for the full figure (T2 slice with the mask outlined).</p>"
+    note = (
+        "<p>Click a thumbnail for the full figure (the mask at apex, mid-gland and base on "
+        "T2, b1000 and ADC).</p>"
+    )
     return note + f'<div class="grid">{"".join(cards)}</div>'
+
+
+#: Flagged exams shown with their thumbnail in the review list (the rest as a table).
+REVIEW_CARDS = 60
+
+
+def _review_html(review: list[dict[str, Any]], base_dir: Path) -> str:
+    """Counts, then the flagged exams worst first: thumbnail (apex/mid/base figure) and
+    reasons."""
+    if not review:
+        return "<p>No QC metrics recorded yet.</p>"
+    n = counts(review)
+    head = (
+        f"<p>{n['fail']} fail, {n['review']} to review, {n['pass']} pass "
+        "(<code>prostate-cohort qc</code>; <code>qc --json</code> for every metric).</p>"
+    )
+    flagged = [e for e in review if e["status"] != "pass"]
+    cards = []
+    for entry in flagged[:REVIEW_CARDS]:
+        caption = f"{entry['status'].upper()} {entry['patient']} · model {entry['model']}"
+        reasons = "".join(f"<li>{html.escape(r)}</li>" for r in entry["reasons"])
+        figure = entry.get("figure")
+        card = (
+            _figure_card(Path(figure), caption, entry["status"] == "fail", base_dir)
+            if figure
+            else _card(caption, entry["status"] == "fail")
+        )
+        cards.append(card.replace("</div></div>", f"</div><ul>{reasons}</ul></div>", 1))
+    rest = flagged[REVIEW_CARDS:]
+    table = ""
+    if rest:
+        frame = pd.DataFrame(
+            [
+                {
+                    "patient": e["patient"],
+                    "model": e["model"],
+                    "status": e["status"],
+                    "reasons": "; ".join(e["reasons"]),
+                }
+                for e in rest
+            ]
+        )
+        table = _table(frame)
+    return head + f'<div class="grid">{"".join(cards)}</div>' + table
 
 
 def _figure_card(path: Path, caption: str, failed: bool, base_dir: Path) -> str:

@@ -1,5 +1,5 @@
-"""Segmentation, volume, radiomics and QC figure as Prefect tasks: one task run per step,
-exam and model.
+"""Segmentation, volume and radiomics as Prefect tasks: one task run per step, exam and
+model (QC: :mod:`flows.qc`).
 
 Each model's outputs carry a ``model-<name>`` entity, so several models can be run on the
 same exam and compared::
@@ -7,7 +7,6 @@ same exam and compared::
     <exam>/seg/<p>_<s>_space-T2w_model-<m>_dseg.nii.gz   label map on the T2 grid (uint8)
     <exam>/seg/<p>_<s>_space-T2w_model-<m>_dseg.json     label names, model and its sha256
     <exam>/seg/<p>_<s>_model-<m>_radiomics.csv           features, long form
-    <exam>/figures/<p>_<s>_model-<m>_desc-qc_mask.png    T2 with the mask outlined
 
 The model's content hash is part of every cache key, so a retrained model recomputes.
 """
@@ -39,8 +38,8 @@ from tasks.measure import (
     mask_volume_ml,
     radiomics_settings_hash,
 )
-from tasks.qc import qc_figure
-from tasks.registry import QC, RADIOMICS, SEGMENT, StepSpec
+from tasks.qc_metrics import mean_uncertainty
+from tasks.registry import RADIOMICS, SEGMENT, StepSpec
 from tasks.segment import SegmentationInputs, SegmentationParams, get_backend
 
 #: T2-grid images a backend may read, by role.
@@ -68,13 +67,6 @@ def segmentation_params(settings: SegmentationSettings, threads: int) -> Segment
         tile_step_size=settings.tile_step_size,
         channel_map=dict(settings.channel_map),
         threads=threads,
-    )
-
-
-def qc_figure_path(exam_dir: Path, label: str, reference: str | None = None) -> Path:
-    """``<exam>/figures/<p>_<s>_model-<label>[_ref-<reference>]_desc-qc_mask.png``."""
-    return derivative_path(
-        exam_dir, "figures", suffix="mask", extension=".png", model=label, ref=reference, desc="qc"
     )
 
 
@@ -145,6 +137,9 @@ def segment_task(
             labels={str(k): v for k, v in result.label_names.items()},
             volumes_ml={name: ml for name, (_n, ml) in volumes.items()},
         )
+        if result.probabilities is not None:
+            labels = sitk.GetArrayViewFromImage(result.labels)
+            made["uncertainty_mean"] = mean_uncertainty(result.probabilities, labels)
         write_json_atomic(sidecar, made | {"mask_sha256": sha, "space": "T2w"})
         made["counts"] = volumes
         made["sha"] = sha
@@ -306,40 +301,6 @@ def radiomics_task(
         parameters={"model": label, "settings": settings},
         run=work,
         on_record=on_record,
-    )
-    return outcome.outputs[0]
-
-
-@step_task(QC)
-def qc_task(
-    patient: str,
-    exam_dir: Path,
-    images: dict[str, FileRef],
-    segmentation: dict[str, FileRef],
-    model: str,
-    ctx: RunContext,
-) -> FileRef:
-    """PNG of the T2 slice with the largest mask area, the mask outlined (linked in the DB)."""
-    label, t2w = model_label(model), images["t2w"]
-    path = qc_figure_path(exam_dir, label)
-
-    def work() -> tuple[list[FileRef], dict[str, Any]]:
-        figure = qc_figure(
-            sitk.ReadImage(t2w.path, sitk.sitkFloat32),
-            sitk.ReadImage(segmentation["mask"].path, sitk.sitkUInt8),
-            path,
-            title=f"{patient} model {label}",
-        )
-        return [FileRef.of("qc", path)], {"slice": figure["slice"]}
-
-    outcome = execute_step(
-        ctx,
-        patient=patient,
-        step=QC.recorded(label),
-        version=QC.version,
-        inputs=[t2w, segmentation["mask"]],
-        parameters={"model": label},
-        run=work,
     )
     return outcome.outputs[0]
 

@@ -43,6 +43,7 @@ from sqlalchemy.exc import ArgumentError
 from tasks.bias import N4Params
 from tasks.denoise import SusanParams, T2DenoiseParams
 from tasks.dwi import DwiFitParams
+from tasks.qc_flags import QcThresholds
 from tasks.register import RegistrationParams
 
 ENV_PREFIX = "PROSTATE_COHORT_"
@@ -189,6 +190,8 @@ class Settings(BaseSettings):
     segmentation: SegmentationSettings = SegmentationSettings()
     measure: MeasureSettings = MeasureSettings()
     demo: DemoSettings = DemoSettings()
+    qc: QcThresholds = QcThresholds()
+    """Where a QC metric asks for a review or fails the exam (``tasks.qc_flags``)."""
 
     @classmethod
     def settings_customise_sources(

@@ -1,4 +1,4 @@
-"""QC figures: a T2 slice with the predicted (and reference) mask outlined (no Prefect).
+"""QC figures: the mask at apex, mid-gland and base on T2, b1000 and ADC (no Prefect).
 
 Pure plotting on SimpleITK images with matplotlib's object API and the Agg canvas (no
 pyplot state, safe in worker threads); PNGs are written atomically
@@ -134,130 +134,163 @@ def _panel(ax, t2, masks, spacing, window, edges, limits=None) -> None:
     ax.text(0.5, 0.01, edges["bottom"], ha="center", va="bottom", **style)
 
 
+#: Outline colours of the mask's labels, in label order (Okabe-Ito, without the reference's).
+LABEL_COLOURS = (PREDICTION_COLOUR, "#009E73", "#CC79A7", "#F0E442", "#D55E00", "#0072B2")
+#: Where the three columns sit along the mask's inferior -> superior extent.
+LEVELS = (("apex", 0.15), ("mid", 0.5), ("base", 0.85))
+
+
+def level_slices(mask: np.ndarray, image: sitk.Image) -> list[int]:
+    """Slice indices (axis 2) of apex, mid-gland and base: :data:`LEVELS` of the way
+    through the slices holding ``mask`` (z, y, x), ordered inferior -> superior by their
+    physical position; the middle slice three times for an empty mask."""
+    held = np.flatnonzero(mask.any(axis=(1, 2)))
+    if held.size == 0:
+        return [mask.shape[0] // 2] * len(LEVELS)
+    height = [image.TransformIndexToPhysicalPoint((0, 0, int(k)))[2] for k in held]
+    ordered = held[np.argsort(height, kind="stable")]
+    return [int(ordered[round(f * (len(ordered) - 1))]) for _, f in LEVELS]
+
+
 def qc_figure(
     t2: sitk.Image,
     mask: sitk.Image,
     path: str | Path,
     *,
+    b1000: sitk.Image | None = None,
+    adc: sitk.Image | None = None,
     reference: sitk.Image | None = None,
+    label_names: dict[int, str] | None = None,
     title: str = "",
-    size_px: int = 512,
+    size_px: int = 256,
 ) -> dict[str, Any]:
-    """PNG of the T2 slice with the largest predicted mask area, the masks outlined.
+    """PNG with the mask at apex, mid-gland and base (columns) on T2, b1000 and ADC (rows).
 
-    Left panel: the whole slice; right panel: zoomed on the outlines (their bounding box
-    plus :data:`ZOOM_MARGIN_MM`). The predicted mask (every non-zero voxel) is outlined in
-    orange, the reference (when given) in sky blue. Window: the 1st-99th percentile of the
-    slice's T2 values. Orientation: radiological (module docstring).
-
-    Slice choice: the index-``k`` slice (third index axis, as stored; axial for axial T2)
-    with the most predicted voxels (lowest ``k`` on ties). An empty prediction is drawn, not
-    refused, because that is when a QC figure matters most: it shows the reference's
-    largest slice, or the middle slice without a reference (or with an empty one too), and
-    says "prediction is empty" on the figure.
+    Every panel shows the same T2-grid slice, zoomed on the outlines (their bounding box
+    over the three slices plus :data:`ZOOM_MARGIN_MM`): each label of the mask outlined in
+    its colour (:data:`LABEL_COLOURS`), the reference (when given) in sky blue. On the b1000
+    and ADC rows the outline is the T2 mask's, so a misregistration shows as the outline off
+    the gland. Window: 1st-99th percentile of each slice. Orientation: radiological (module
+    docstring). An empty prediction is drawn, on the reference's levels when there is one,
+    and says "prediction is empty".
 
     Parameters
     ----------
-    t2
-        3D scalar T2 image.
-    mask
-        Predicted label image on the T2 grid.
-    path
-        Output PNG (folders are created; written atomically).
-    reference
-        Optional reference label image on the T2 grid.
+    t2, b1000, adc
+        3D scalar images on the T2 grid (b1000 and ADC optional: rows left out).
+    mask, reference
+        Label images on the T2 grid (reference optional).
+    label_names
+        ``{value: name}`` of the mask's labels for the legend (default: "prediction").
     title
-        Caption printed at the top; the caller decides what it says (pseudonymous ids only).
+        Caption at the top; the caller decides what it says (pseudonymous ids only).
     size_px
-        Height of the PNG in pixels; the width is twice that (two square panels).
+        Side of one panel in pixels.
 
     Returns
     -------
     dict
-        ``slice`` (k), ``sha256`` of the PNG, ``path`` (str), ``empty`` (prediction empty),
-        ``size`` ((width, height) in pixels).
-
-    Outputs
-    -------
-    ``path``: RGBA PNG of ``2 * size_px`` x ``size_px`` pixels.
+        ``slices`` (apex, mid, base k), ``sha256``, ``path``, ``empty``, ``size`` (w, h px).
 
     Raises
     ------
     InputError
-        Images that are not 3D scalar, or masks not on the T2 grid.
+        Images that are not 3D scalar or not on the T2 grid.
     """
     _check(t2, "t2")
-    _check(mask, "mask")
-    require_same_grid(t2, mask, what="mask vs t2", step=STEP)
-    if reference is not None:
-        _check(reference, "reference")
-        require_same_grid(t2, reference, what="reference vs t2", step=STEP)
+    rows = [("T2", t2)]
+    for name, image in (("b1000", b1000), ("ADC", adc), ("mask", mask), ("reference", reference)):
+        if image is not None:
+            _check(image, name)
+            require_same_grid(t2, image, what=f"{name} vs t2", step=STEP)
+            if name in ("b1000", "ADC"):
+                rows.append((name, image))
     if size_px < 64:
         raise InputError(f"size_px must be at least 64, got {size_px}", step=STEP)
-    pred = sitk.GetArrayViewFromImage(mask) != 0
+    labels = sitk.GetArrayViewFromImage(mask)
     ref = sitk.GetArrayViewFromImage(reference) != 0 if reference is not None else None
-    areas = pred.sum(axis=(1, 2))
-    empty = not areas.any()
-    if not empty:
-        k = int(np.argmax(areas))
-    elif ref is not None and ref.any():
-        k = int(np.argmax(ref.sum(axis=(1, 2))))
-    else:
-        k = pred.shape[0] // 2
+    empty = not labels.any()
+    chosen = labels != 0 if not empty or ref is None else ref
+    slices = level_slices(chosen, t2)
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    names = label_names or {}
 
-    def as_image(values: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(values.astype(np.uint8))
-        image.CopyInformation(t2)
-        return image
+    def shown(k: int, image: sitk.Image | None = None, values: np.ndarray | None = None):
+        if values is not None:
+            image = sitk.GetImageFromArray(values.astype(np.uint8))
+            image.CopyInformation(t2)
+        return radiological_slice(image, k)
 
-    t2_slice, spacing, edges = radiological_slice(t2, k)
-    outlines = [(radiological_slice(as_image(pred), k)[0] > 0, PREDICTION_COLOUR)]
-    if ref is not None:
-        outlines.append((radiological_slice(as_image(ref), k)[0] > 0, REFERENCE_COLOUR))
-    window = _window(t2_slice)
+    outlines = []  # per column: [(2D mask, colour)]
+    for k in slices:
+        column = [
+            (shown(k, values=labels == v)[0] > 0, LABEL_COLOURS[i % len(LABEL_COLOURS)])
+            for i, v in enumerate(values)
+        ]
+        if ref is not None:
+            column.append((shown(k, values=ref)[0] > 0, REFERENCE_COLOUR))
+        outlines.append(column)
+    _, spacing, _ = shown(slices[0], t2)
+    plane = shown(slices[0], t2)[0].shape
+    limits = _zoom([m for column in outlines for m, _ in column], plane, spacing)
 
     dpi = 100
-    figure = Figure(figsize=(2 * size_px / dpi, size_px / dpi), dpi=dpi, facecolor="black")
+    band_px = 28
+    width, height = len(LEVELS) * size_px, len(rows) * size_px + band_px
+    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="black")
     FigureCanvasAgg(figure)
-    band = min(0.12, 28 / size_px)  # room for the title and legend
-    full = figure.add_axes((0.0, 0.0, 0.5, 1.0 - band))
-    zoomed = figure.add_axes((0.5, 0.0, 0.5, 1.0 - band))
-    _panel(full, t2_slice, outlines, spacing, window, edges)
-    limits = _zoom([m for m, _ in outlines], t2_slice.shape, spacing)
-    _panel(zoomed, t2_slice, outlines, spacing, window, edges, limits)
-    caption = (
-        f"{title}  slice {k + 1}/{pred.shape[0]}" if title else f"slice {k + 1}/{pred.shape[0]}"
-    )
-    figure.text(0.01, 1.0 - band / 2, caption, color="white", fontsize=10, va="center")
-    handles = [Line2D([], [], color=PREDICTION_COLOUR, label="prediction")]
+    for r, (row_name, image) in enumerate(rows):
+        for c, k in enumerate(slices):
+            bottom = (len(rows) - 1 - r) * size_px / height
+            ax = figure.add_axes((c / len(LEVELS), bottom, 1 / len(LEVELS), size_px / height))
+            data, _, edges = shown(k, image)
+            _panel(ax, data, outlines[c], spacing, _window(data), edges, limits)
+            level = LEVELS[c][0]
+            ax.text(
+                0.03,
+                0.03,
+                f"{row_name} {level} (slice {k + 1})",
+                color="white",
+                fontsize=8,
+                va="bottom",
+                ha="left",
+                transform=ax.transAxes,
+            )
+    top = 1.0 - band_px / 2 / height
+    caption = title or "QC"
+    figure.text(0.01, top, caption, color="white", fontsize=10, va="center")
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=LABEL_COLOURS[i % len(LABEL_COLOURS)],
+            label=names.get(v, "prediction" if len(values) == 1 else str(v)),
+        )
+        for i, v in enumerate(values)
+    ]
     if reference is not None:
         handles.append(Line2D([], [], color=REFERENCE_COLOUR, label="reference"))
-    figure.legend(
-        handles=handles,
-        loc="upper right",
-        ncol=len(handles),
-        frameon=False,
-        labelcolor="white",
-        fontsize=9,
-    )
+    if handles:
+        figure.legend(
+            handles=handles,
+            loc="upper right",
+            ncol=len(handles),
+            frameon=False,
+            labelcolor="white",
+            fontsize=9,
+        )
     if empty:
-        full.text(
-            0.5,
-            0.08,
-            "prediction is empty",
-            color="#FF4040",
-            fontsize=12,
-            ha="center",
-            transform=full.transAxes,
+        figure.text(
+            0.5, top, "prediction is empty", color="#FF4040", fontsize=11, ha="center", va="center"
         )
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, facecolor="black")
     data = buffer.getvalue()
     sha = write_bytes_atomic(path, data)
     return {
-        "slice": k,
+        "slices": slices,
         "sha256": sha,
         "path": str(path),
         "empty": empty,
-        "size": (2 * size_px, size_px),
+        "size": (width, height),
     }

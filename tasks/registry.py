@@ -123,7 +123,15 @@ RADIOMICS = StepSpec(
     ("radiomics_csv",),
     per_model=True,
 )
-QC = StepSpec("qc", "1", "tasks.qc:qc_figure", None, ("qc",), per_model=True, retries=0)
+QC = StepSpec(
+    "qc",
+    "2",
+    "tasks.qc_metrics:exam_qc_metrics",
+    None,
+    ("qc", "qc_json"),
+    per_model=True,
+    retries=0,
+)
 
 #: Every step, in pipeline order.
 STEPS: tuple[StepSpec, ...] = (

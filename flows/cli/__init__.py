@@ -38,6 +38,7 @@ HANDLERS: dict[str, Handler] = {
     "features": results.features,
     "volumes": results.volumes,
     "report": results.cohort_report,
+    "qc": results.qc,
     "train-demo-model": tools.train_demo_model,
     "db": results.db,
     "config": tools.config,

@@ -233,8 +233,19 @@ def _add_analysis_commands(commands: Any) -> None:
         "distribution, QC thumbnails linking to the full figures, evaluation table.",
     )
     report.add_argument("-o", "--out-file", metavar="FILE", help="default OUTPUT/report.html")
+    qc = commands.add_parser(
+        "qc",
+        help="print the QC review list: the exams to look at, worst first, with reasons",
+        description="Judge every exam's stored QC metrics with the settings' thresholds (qc "
+        "section) and the cohort so far (robust z-scores): fail, review or pass, with the "
+        'reasons. --json prints every exam: {"exams": [{"patient", "model", '
+        '"status", "reasons", "metrics", "figure"}]}.',
+    )
+    qc.add_argument("--json", action="store_true", help="every exam with its metrics, as JSON")
+    qc.add_argument("--all", action="store_true", help="also list the exams that pass")
+    qc.add_argument("--patient", action="append", metavar="ID", help="only this patient")
     report.add_argument("--title", default="Cohort report", help="the report's heading")
     for command in (features, volumes):
         command.add_argument("--format", choices=("parquet", "csv"), help="default: by suffix")
-    for command in (features, volumes, report):
+    for command in (features, volumes, report, qc):
         command.add_argument("--output", metavar="DIR", help="output root (default ./output)")

@@ -1,5 +1,5 @@
 """The commands that read the provenance database: ``status``, ``features``, ``volumes``,
-``report`` (the HTML cohort report), and ``db`` (its schema)."""
+``qc`` (the review list), ``report`` (the HTML cohort report), and ``db`` (its schema)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,22 @@ def volumes(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def qc(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.qc_review import review_list, review_text
+
+    with _analysis_session(settings) as session:
+        if session is None:
+            return 1
+        entries = review_list(session, settings.qc, patients=args.patient)
+    if args.json:
+        print(json.dumps({"exams": entries}, indent=2))
+    elif not entries:
+        print("no QC metrics recorded yet: run the pipeline first")
+    else:
+        print(review_text(entries, show_pass=args.all))
+    return 0
+
+
 def cohort_report(args: argparse.Namespace, settings: Settings) -> int:
     from flows.report_html import write_report
 
@@ -117,7 +133,7 @@ def cohort_report(args: argparse.Namespace, settings: Settings) -> int:
     with _analysis_session(settings) as session:
         if session is None:
             return 1
-        data = write_report(session, path, title=args.title)
+        data = write_report(session, path, title=args.title, thresholds=settings.qc)
     print(f"report: {path} ({len(data.patients)} patients, {len(data.failures)} failures)")
     return 0
 

@@ -14,7 +14,7 @@ from flows.tree_lock import output_tree_lock
 
 #: Commands that open the provenance database (checked at start: ``database_url``).
 DATABASE_COMMANDS = frozenset(
-    {"demo", "run", "evaluate", "ingest", "status", "features", "volumes", "report", "db"}
+    {"demo", "run", "evaluate", "ingest", "status", "features", "volumes", "report", "qc", "db"}
 )
 
 #: Commands that run flows on the output tree (they hold its lock while they run).

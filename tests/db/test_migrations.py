@@ -21,6 +21,7 @@ TABLES = {
     "segmentation",
     "radiomics_feature",
     "evaluation_metric",
+    "qc_metric",
 }
 
 
@@ -52,7 +53,7 @@ def test_models_define_the_expected_tables():
 def test_upgrade_to_head_creates_every_table(db_url):
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0005"
+    assert current_revision(db_url) == head_revision() == "0006"
     assert _tables(db_url) == TABLES | {"alembic_version"}
 
 
@@ -95,7 +96,7 @@ def test_radiomics_wide_view_comes_and_goes_with_0002(db_url):
     engine.dispose()
     downgrade(db_url, "0001")
     assert _tables(db_url, views=True) == set() and current_revision(db_url) == "0001"
-    assert _tables(db_url) == TABLES | {"alembic_version"}
+    assert _tables(db_url) == TABLES - {"qc_metric"} | {"alembic_version"}  # from 0006
 
 
 def test_failed_migration_leaves_nothing_behind(db_url):
@@ -267,3 +268,12 @@ def _loaded(value):
     import json
 
     return json.loads(value) if isinstance(value, str) and value[:1] in "{[" else value
+
+
+def test_0006_adds_the_qc_metric_table_and_takes_it_away(db_url):
+    upgrade(db_url, "0005")
+    assert "qc_metric" not in _tables(db_url)
+    upgrade(db_url)
+    assert "qc_metric" in _tables(db_url) and _schema_diff(db_url) == []
+    downgrade(db_url, "0005")
+    assert _tables(db_url) == TABLES - {"qc_metric"} | {"alembic_version"}

@@ -1,5 +1,5 @@
-"""Tests for tasks.qc: the slice with the largest mask area, a valid PNG of the stated size
-written atomically, the empty-mask behaviour, grid checks and the display orientation."""
+"""Tests for tasks.qc: apex/mid/base slices, a valid PNG of the stated size written
+atomically, the empty-mask behaviour, grid checks and the display orientation."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from matplotlib import image as mpimg
 
 from tasks.errors import InputError
-from tasks.qc import qc_figure, radiological_slice
+from tasks.qc import level_slices, qc_figure, radiological_slice
 
 SPACING = (0.5, 0.5, 3.0)
 SHAPE = (10, 40, 40)  # z, y, x
@@ -56,28 +56,37 @@ def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     return chunks
 
 
-def test_largest_mask_slice_and_a_valid_png(tmp_path: Path) -> None:
+def test_three_levels_on_three_rows_and_a_valid_png(tmp_path: Path) -> None:
     path = tmp_path / "figures" / "qc.png"
     result = qc_figure(
-        _t2(), _mask(), path, reference=_mask(AREAS[::-1]), title="P0 demo", size_px=200
+        _t2(),
+        _mask(),
+        path,
+        b1000=_t2(),
+        adc=_t2(),
+        reference=_mask(AREAS[::-1]),
+        title="P0 demo",
+        size_px=200,
     )
-    assert result["slice"] == int(np.argmax(AREAS)) == 4
+    assert result["slices"] == [2, 5, 7]  # mask on k = 1..8: 15 %, 50 %, 85 % of the way
     assert result["path"] == str(path) and result["empty"] is False
     data = path.read_bytes()
     assert result["sha256"] == hashlib.sha256(data).hexdigest()
     chunks = _png_chunks(data)
     width, height = struct.unpack(">II", chunks[0][1][:8])
-    assert chunks[0][0] == b"IHDR" and (width, height) == (400, 200) == result["size"]
+    assert chunks[0][0] == b"IHDR" and (width, height) == (600, 628) == result["size"]
     assert chunks[-1][0] == b"IEND"
     text_keys = {body.split(b"\0")[0] for kind, body in chunks if kind in (b"tEXt", b"iTXt")}
     assert text_keys <= {b"Software"}  # no metadata beyond matplotlib's own tag
     pixels = mpimg.imread(path)
-    assert pixels.shape[:2] == (200, 400) and pixels.std() > 0  # decodes, not blank
+    assert pixels.shape[:2] == (628, 600) and pixels.std() > 0  # decodes, not blank
     assert sorted(p.name for p in path.parent.iterdir()) == ["qc.png"]  # no temp file left
     again = qc_figure(
         _t2(),
         _mask(),
         tmp_path / "again.png",
+        b1000=_t2(),
+        adc=_t2(),
         reference=_mask(AREAS[::-1]),
         title="P0 demo",
         size_px=200,
@@ -85,18 +94,20 @@ def test_largest_mask_slice_and_a_valid_png(tmp_path: Path) -> None:
     assert again["sha256"] == result["sha256"]  # deterministic bytes
 
 
-def test_ties_take_the_lowest_slice(tmp_path: Path) -> None:
-    result = qc_figure(_t2(), _mask((0, 9, 25, 25, 4, 0, 0, 0, 0, 0)), tmp_path / "q.png")
-    assert result["slice"] == 2
+def test_apex_is_inferior_whatever_the_slice_order() -> None:
+    mask = sitk.GetArrayFromImage(_mask((0, 9, 25, 25, 4, 0, 0, 0, 0, 0))) > 0
+    assert level_slices(mask, _t2()) == [1, 3, 4]  # k = 1..4, z rises with k
+    flipped = _image(np.zeros(SHAPE, np.float32), direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))
+    assert level_slices(mask, flipped) == [4, 2, 1]  # z falls with k: apex is the last k
 
 
 def test_empty_prediction_is_drawn_not_refused(tmp_path: Path) -> None:
     empty = _mask((0,) * 10)
     alone = qc_figure(_t2(), empty, tmp_path / "alone.png")
-    assert alone["empty"] is True and alone["slice"] == SHAPE[0] // 2
+    assert alone["empty"] is True and alone["slices"] == [SHAPE[0] // 2] * 3
     with_ref = qc_figure(_t2(), empty, tmp_path / "ref.png", reference=_mask())
-    assert with_ref["empty"] is True and with_ref["slice"] == 4  # the reference's largest
-    assert mpimg.imread(tmp_path / "ref.png").shape[:2] == (512, 1024)
+    assert with_ref["empty"] is True and with_ref["slices"] == [2, 5, 7]  # the reference's
+    assert mpimg.imread(tmp_path / "ref.png").shape[:2] == (256 + 28, 768)  # T2 row only
 
 
 def test_masks_must_be_on_the_t2_grid(tmp_path: Path) -> None:
