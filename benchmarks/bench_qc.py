@@ -5,7 +5,8 @@ Runs the demo (phantom, ``--patients`` exams, demo model) and the real ProstateX
 computes the QC metrics (:func:`tasks.qc_metrics.exam_qc_metrics`) of the clean pipeline
 outputs and of the same outputs with each defect of :mod:`phantom.defects` (a 5 mm
 misregistration, a mask cut off at the top slice, a two-component mask, a mask eroded by 25 %
-of its volume) and judges them with the default thresholds (:func:`tasks.qc_flags.judge`).
+of its volume, alone and with a second model's mask of the exam, here the clean mask) and
+judges them with the default thresholds (:func:`tasks.qc_flags.judge`).
 
     python benchmarks/bench_qc.py [--work DIR] [--patients 8]
 
@@ -15,6 +16,7 @@ Writes ``benchmarks/results/qc.json`` and ``qc.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sqlite3
@@ -41,6 +43,9 @@ DEFECTS = {
     "cut off at the top slice": defects.cut_off_top,
     "two components": defects.two_components,
     "eroded 25 % of the volume": defects.eroded,
+    "eroded 25 %, a second model ran": lambda images: dataclasses.replace(
+        defects.eroded(images), others={"second": images.mask}
+    ),
 }
 #: The reason each defect must raise (a phrase of tasks.qc_flags.judge's reasons).
 EXPECTED = {
@@ -49,6 +54,7 @@ EXPECTED = {
     "cut off at the top slice": "may be cut off",
     "two components": "pieces",
     "eroded 25 % of the volume": "under-segmented",
+    "eroded 25 %, a second model ran": "vs model second",
 }
 
 

@@ -100,6 +100,7 @@ def demo_epilogue(result: dict[str, Any], config: str | None) -> str:
         "look at them:",
         f"  {prefix} report --output {out}        # HTML report: volumes, QC figures, Dice",
         f"  {prefix} status --output {out}        # per patient: steps and what ran",
+        f"  {prefix} qc --output {out}            # QC review list: exams to look at, why",
         f"  {prefix} features --output {out} --wide -o features.csv   # radiomics",
         f"  {home}{prefect} server start          # the runs in the Prefect UI, "
         "http://127.0.0.1:4200",

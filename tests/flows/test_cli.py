@@ -379,6 +379,6 @@ def test_demo_ends_with_its_dice_and_the_commands_to_look(demo, monkeypatch) -> 
     text = demo_epilogue(result, None)
     assert f"results: {out}/" in text
     assert f"mean {row['dice']['mean']:.3f}" in text and "over 4 patients" in text
-    for command in ("report", "status", "features"):
+    for command in ("report", "status", "qc", "features"):
         assert f"prostate-cohort {command} --output {out}" in text
     assert "prefect server start" in text
