@@ -252,6 +252,7 @@ def qc_figure(
                 f"{row_name} {level} (slice {k + 1})",
                 color="white",
                 fontsize=8,
+                bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0},
                 va="bottom",
                 ha="left",
                 transform=ax.transAxes,
