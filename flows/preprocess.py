@@ -97,17 +97,6 @@ def _run(
     inputs: list[FileRef],
     params: dict[str, Any],
     work: Callable[[], tuple[list[FileRef], dict[str, Any]]],
-) -> list[FileRef]:
-    return _run_step(ctx, patient, spec, inputs, params, work)[0]
-
-
-def _run_step(
-    ctx: RunContext,
-    patient: str,
-    spec: StepSpec,
-    inputs: list[FileRef],
-    params: dict[str, Any],
-    work: Callable[[], tuple[list[FileRef], dict[str, Any]]],
 ) -> tuple[list[FileRef], dict[str, Any]]:
     """Outputs and recorded details (also on a cache hit) of one step."""
     apply_thread_limits(ctx.threads)
@@ -157,7 +146,7 @@ def denoise_task(
         return outputs, {}
 
     params = {"t2": t2_params.model_dump(mode="json"), "susan": susan.model_dump(mode="json")}
-    out = _run(ctx, patient, DENOISE, images.inputs(), params, work)
+    out = _run(ctx, patient, DENOISE, images.inputs(), params, work)[0]
     return _next_images(out, images)
 
 
@@ -202,7 +191,7 @@ def n4_task(
             outputs.append(FileRef.of(role, path))
         return outputs + [FileRef.of("dwi_biasfield", dwi_field_path)], {}
 
-    out = _run(ctx, patient, N4, images.inputs(), params.model_dump(mode="json"), work)
+    out = _run(ctx, patient, N4, images.inputs(), params.model_dump(mode="json"), work)[0]
     return _next_images(out, images)
 
 
@@ -267,7 +256,7 @@ def register_task(
         return outputs, registered.alignment.details()
 
     inputs = [t2w, *images.dwi]
-    out, details = _run_step(ctx, patient, REGISTER, inputs, params.model_dump(mode="json"), work)
+    out, details = _run(ctx, patient, REGISTER, inputs, params.model_dump(mode="json"), work)
     return RegisteredImages(
         t2w=t2w,
         dwi=tuple(images.dwi),
@@ -305,7 +294,7 @@ def _register_hbv(
         return [FileRef.of("xfm_t2_to_dwi", tfm)], alignment.details() | {"skipped": skipped}
 
     inputs = [images.t2w, hbv]
-    out, details = _run_step(ctx, patient, REGISTER, inputs, params.model_dump(mode="json"), work)
+    out, details = _run(ctx, patient, REGISTER, inputs, params.model_dump(mode="json"), work)
     return RegisteredImages(
         t2w=images.t2w,
         dwi=(),
@@ -361,7 +350,7 @@ def standardize_task(
         outputs = [FileRef.of("b1000_native", path), FileRef.of("dwi_b1000", on_t2_path)]
         return outputs, info
 
-    out = _run(ctx, patient, B1000, images.inputs(), params.model_dump(mode="json"), work)
+    out = _run(ctx, patient, B1000, images.inputs(), params.model_dump(mode="json"), work)[0]
     return replace(images, dwi_b1000=next(r for r in out if r.role == "dwi_b1000"))
 
 
@@ -396,7 +385,7 @@ def _stand_in(
         return [FileRef.of(role, path)], {"method": method, "skipped": why}
 
     inputs = [images.t2w, source, images.t2_to_dwi]
-    return _run(ctx, patient, spec, inputs, params.model_dump(mode="json"), work)[0]
+    return _run(ctx, patient, spec, inputs, params.model_dump(mode="json"), work)[0][0]
 
 
 def _hbv_as_b1000(
@@ -467,5 +456,5 @@ def adc_task(
         outputs = [FileRef.of("adc_native", native_path), FileRef.of("adc", t2_path)]
         return outputs, {"fit_b_values": list(select_b_values(sorted(moco), params))}
 
-    out = _run(ctx, patient, ADC, images.inputs(), params.model_dump(mode="json"), work)
+    out = _run(ctx, patient, ADC, images.inputs(), params.model_dump(mode="json"), work)[0]
     return {r.role: r for r in out} | {"t2w": images.t2w, "dwi_b1000": images.dwi_b1000}
