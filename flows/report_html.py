@@ -279,14 +279,13 @@ def _review_html(review: list[dict[str, Any]], base_dir: Path) -> str:
     cards = []
     for entry in flagged[:REVIEW_CARDS]:
         caption = f"{entry['status'].upper()} {entry['patient']} · model {entry['model']}"
-        reasons = "".join(f"<li>{html.escape(r)}</li>" for r in entry["reasons"])
-        figure = entry.get("figure")
-        card = (
-            _figure_card(Path(figure), caption, entry["status"] == "fail", base_dir)
+        reasons = "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in entry["reasons"])
+        failed, figure = entry["status"] == "fail", entry.get("figure")
+        cards.append(
+            _figure_card(Path(figure), caption, failed, base_dir, after=reasons + "</ul>")
             if figure
-            else _card(caption, entry["status"] == "fail")
+            else _card(caption, failed, after=reasons + "</ul>")
         )
-        cards.append(card.replace("</div></div>", f"</div><ul>{reasons}</ul></div>", 1))
     rest = flagged[REVIEW_CARDS:]
     table = ""
     if rest:
@@ -305,17 +304,20 @@ def _review_html(review: list[dict[str, Any]], base_dir: Path) -> str:
     return head + f'<div class="grid">{"".join(cards)}</div>' + table
 
 
-def _figure_card(path: Path, caption: str, failed: bool, base_dir: Path) -> str:
+def _figure_card(path: Path, caption: str, failed: bool, base_dir: Path, *, after: str = "") -> str:
     if not path.is_file():
-        return _card(f"{caption}: figure missing ({path.name})", failed)
+        return _card(f"{caption}: figure missing ({path.name})", failed, after=after)
     thumb = _data_uri(thumbnail_png(path))
     image = f'<img src="{thumb}" alt="QC figure {html.escape(caption)}">'
-    return _card(caption, failed, f'<a href="{_href(path, base_dir)}">{image}</a>')
+    link = f'<a href="{_href(path, base_dir)}">{image}</a>'
+    return _card(caption, failed, link, after=after)
 
 
-def _card(caption: str, failed: bool, body: str = "") -> str:
+def _card(caption: str, failed: bool, body: str = "", *, after: str = "") -> str:
+    """A grid card: ``body`` (HTML), the caption, then ``after`` (HTML, e.g. reasons)."""
     kind = "card failed" if failed else "card"
-    return f'<div class="{kind}">{body}<div class="caption">{html.escape(caption)}</div></div>'
+    caption_html = f'<div class="caption">{html.escape(caption)}</div>'
+    return f'<div class="{kind}">{body}{caption_html}{after}</div>'
 
 
 def _evaluation_html(data: ReportData) -> str:
