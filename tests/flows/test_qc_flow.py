@@ -115,3 +115,25 @@ def test_the_qc_figure_shows_three_levels_on_three_images(demo) -> None:
     out, result = demo
     figure = Path(result["patients"][0]["outputs"]["qc"])
     assert mpimg.imread(figure).shape[:2] == (3 * 256 + 28, 3 * 256)
+
+
+def test_the_report_opens_with_the_flagged_exams_and_their_reasons(demo, tmp_path) -> None:
+    from flows.report_html import write_report
+
+    out, _ = demo
+    strict = QcThresholds(volume_ml_review=(15.0, 40.0))
+    engine = make_engine(_url(out))
+    with session_scope(engine) as session:
+        data = write_report(session, tmp_path / "report.html", thresholds=strict)
+    engine.dispose()
+    page = (tmp_path / "report.html").read_text()
+    flagged = [e for e in data.review if e["status"] == "review"]
+    assert flagged, data.review
+    first = page.index("<h2>")
+    assert page[first:].startswith("<h2>QC review list</h2>")
+    review_section = page[first : page.index("<h2>Run summary</h2>")]
+    assert f"{len(flagged)} to review" in review_section
+    for entry in flagged:
+        assert f"REVIEW {entry['patient']}" in review_section
+        assert entry["reasons"][0] in review_section
+    assert review_section.count("<img") == len(flagged)  # thumbnails of flagged exams only
