@@ -40,7 +40,7 @@ from tasks.measure import (
 )
 from tasks.qc_metrics import mean_uncertainty
 from tasks.registry import RADIOMICS, SEGMENT, StepSpec
-from tasks.segment import SegmentationInputs, SegmentationParams, get_backend
+from tasks.segment import BACKENDS, SegmentationInputs, SegmentationParams, get_backend
 
 #: T2-grid images a backend may read, by role.
 SEGMENTATION_ROLES = ("t2w", "dwi_b1000", "adc")
@@ -51,8 +51,9 @@ WHOLE_GLAND_LABEL = 0
 
 
 def model_label(spec: str) -> str:
-    """File-name-safe name of a model spec: ``demo``, ``taps`` or the folder's name."""
-    name = spec if spec in ("demo", "taps") else Path(spec).name
+    """File-name-safe name of a model spec: ``demo``, ``demozones``, ``taps`` or the
+    folder's name."""
+    name = spec if spec in BACKENDS else Path(spec).name
     return re.sub(r"[^A-Za-z0-9]+", "", name) or "model"
 
 
@@ -67,6 +68,7 @@ def segmentation_params(settings: SegmentationSettings, threads: int) -> Segment
         tile_step_size=settings.tile_step_size,
         channel_map=dict(settings.channel_map),
         threads=threads,
+        adc_unit=settings.adc_unit,
     )
 
 
@@ -314,7 +316,7 @@ def resolve_models(specs: list[str], *, demo: bool) -> list[str]:
     for spec in specs:
         if spec == "auto":
             spec = "demo" if demo else "taps"
-        elif spec not in ("demo", "taps"):
+        elif spec not in BACKENDS:
             spec = str(Path(spec).expanduser().resolve())
         if spec not in resolved:
             resolved.append(spec)

@@ -111,8 +111,19 @@ class SegmentationSettings(_Section):
         "'taps', or the path of a trained nnU-Net v2 model folder.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    folds: tuple[int | Literal["all"], ...] = (0,)
-    checkpoint: str = "checkpoint_final.pth"
+    folds: tuple[int | Literal["all"], ...] = Field(
+        ("all",),
+        description="nnU-Net folds to ensemble; 'all': every fold_<k> folder of the model "
+        "(as nnUNetv2_predict does by default).",
+    )
+    checkpoint: str = Field(
+        "checkpoint_final.pth", description="checkpoint file in each fold (or checkpoint_best.pth)"
+    )
+    adc_unit: Literal["auto", "mm2/s", "1e-3 mm2/s", "1e-6 mm2/s"] = Field(
+        "auto",
+        description="ADC unit the nnU-Net model was trained on (PI-CAI: 1e-6 mm2/s); 'auto' "
+        "reads it from the model's plans (its training ADC's median).",
+    )
     use_mirroring: bool = False
     tile_step_size: float = Field(0.5, gt=0.0, le=1.0)
     channel_map: dict[str, str] = Field(

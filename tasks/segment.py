@@ -9,7 +9,10 @@ Model specs (``settings.segmentation.model``)
 ---------------------------------------------
 ``"demo"``
     The small nnU-Net v2 model trained on the synthetic cohort and committed under
-    ``models/demo-nnunet`` (:mod:`tasks.segment_nnunet`).
+    ``models/demo-nnunet`` (gland; :mod:`tasks.segment_nnunet`).
+``"demo-zones"``
+    The committed synthetic-cohort model in the users' model form: residual-encoder plans,
+    two cross-validation folds ensembled, labels PZ and TZ (``models/demo-zones-resenc``).
 ``"taps"``
     The pretrained TAPS prostate model from the ``lavlab-taps`` package (T2 only;
     :mod:`tasks.segment_taps`).
@@ -46,14 +49,23 @@ __all__ = [  # the interface, with the backend factory
     "get_backend",
 ]
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_MODEL_DIR = REPO_ROOT / "models" / "demo-nnunet"
+#: The committed demo models: spec -> model folder (made by ``prostate-cohort train-demo-model``).
+DEMO_MODELS: dict[str, Path] = {
+    "demo": REPO_ROOT / "models" / "demo-nnunet",
+    "demo-zones": REPO_ROOT / "models" / "demo-zones-resenc",
+}
+
+
+def model_folder(spec: str) -> Path:
+    """The nnU-Net model folder of a spec: a committed demo model or the spec as a path."""
+    return DEMO_MODELS.get(spec, Path(spec))
 
 
 def _make_nnunet(spec: str, params: SegmentationParams) -> SegmentationBackend:
     from tasks.segment_nnunet import NnUNetBackend  # noqa: PLC0415 - torch import is slow
 
-    folder = DEMO_MODEL_DIR if spec == "demo" else Path(spec)
-    return NnUNetBackend(folder, params=params, name="demo" if spec == "demo" else None)
+    name = spec if spec in DEMO_MODELS else None
+    return NnUNetBackend(model_folder(spec), params=params, name=name)
 
 
 def _make_taps(spec: str, params: SegmentationParams) -> SegmentationBackend:
@@ -64,7 +76,7 @@ def _make_taps(spec: str, params: SegmentationParams) -> SegmentationBackend:
 
 #: Named backends; any other spec is an nnU-Net model folder.
 BACKENDS: dict[str, Callable[[str, SegmentationParams], SegmentationBackend]] = {
-    "demo": _make_nnunet,
+    **dict.fromkeys(DEMO_MODELS, _make_nnunet),
     "taps": _make_taps,
 }
 
@@ -96,7 +108,8 @@ def _check_spec(spec: str) -> None:
         raise InputError(
             f"segmentation model {spec!r} is neither one of {sorted(BACKENDS)} nor a folder",
             step=STEP,
-            hint="set segmentation.model to 'demo', 'taps' or an nnU-Net v2 model folder",
+            hint=f"set segmentation.model to one of {sorted(BACKENDS)} or an nnU-Net v2 "
+            "model folder",
         )
 
 
@@ -123,7 +136,7 @@ def check_model(spec: str, params: SegmentationParams) -> None:
         return
     from tasks.segment_nnunet import check_model_folder  # noqa: PLC0415
 
-    check_model_folder(DEMO_MODEL_DIR if spec == "demo" else Path(spec), params)
+    check_model_folder(model_folder(spec), params)
 
 
 def backends_created() -> int:

@@ -41,6 +41,11 @@ class SegmentationParams(BaseModel, frozen=True, extra="forbid"):
         :data:`tasks.segment_nnunet.CHANNEL_ALIASES`.
     threads
         torch intra-op threads on CPU (workers x threads <= cores).
+    adc_unit
+        The ADC unit the model was trained on (our ADC is in mm²/s and is converted):
+        ``"mm2/s"``, ``"1e-3 mm2/s"`` (µm²/ms) or ``"1e-6 mm2/s"`` (µm²/s, PI-CAI's scanner
+        ADC). ``"auto"``: read from the model's plans (the training ADC's median, by
+        order of magnitude; :func:`tasks.segment_nnunet.model_adc_unit`).
     """
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -50,6 +55,7 @@ class SegmentationParams(BaseModel, frozen=True, extra="forbid"):
     tile_step_size: float = Field(0.5, gt=0, le=1)
     channel_map: dict[str, str] = Field(default_factory=dict)
     threads: int = Field(1, ge=1)
+    adc_unit: Literal["auto", "mm2/s", "1e-3 mm2/s", "1e-6 mm2/s"] = "auto"
 
 
 @dataclass(frozen=True)

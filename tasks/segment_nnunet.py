@@ -10,7 +10,9 @@ A model folder is what ``nnUNetv2_train`` leaves in ``nnUNet_results`` (or what
 The network's input channels are matched to our image roles (``"t2w"``, ``"dwi_b1000"``,
 ``"adc"``) by the channel names in ``dataset.json``: first ``SegmentationParams.channel_map``
 (exact name), then :data:`CHANNEL_ALIASES` (case-insensitive). Every channel must lie on the
-T2 grid. Prediction runs in-process (no worker processes, so it works inside Prefect and Dask
+T2 grid. The folds are ensembled as ``nnUNetv2_predict`` does: their logits averaged, then
+the softmax (the masks equal ``nnUNetv2_predict_from_modelfolder``'s; tested). Prediction
+runs in-process (no worker processes, so it works inside Prefect and Dask
 workers): nnU-Net's own preprocessing (crop, resample to the model's spacing, normalise),
 sliding-window inference and resampling of the probabilities back to the T2 grid.
 
@@ -58,6 +60,11 @@ CHANNEL_ALIASES: dict[str, str] = {
 }
 
 ROLES = ("t2w", "dwi_b1000", "adc")
+
+#: ADC units a model may have been trained with -> factor from our ADC in mm²/s.
+ADC_UNITS: dict[str, float] = {"mm2/s": 1.0, "1e-3 mm2/s": 1e3, "1e-6 mm2/s": 1e6}
+#: A typical prostate ADC in mm²/s, to tell the training data's unit from its median.
+_TYPICAL_ADC_MM2_S = 1.2e-3
 
 #: How nnU-Net's reader classes orient arrays: ``None`` = as SimpleITK reads them (z, y, x);
 #: otherwise the code given to ``sitk.DICOMOrient`` that yields the reader's array.
@@ -152,6 +159,53 @@ def label_names(
     return names
 
 
+def model_adc_unit(plans: dict[str, Any], channel: int) -> str | None:
+    """The ADC unit a model was trained on, from the median of its training ADC inside the
+    labels (``plans["foreground_intensity_properties_per_channel"]``): the unit of
+    :data:`ADC_UNITS` in which a typical prostate ADC (1.2e-3 mm²/s) is nearest that median,
+    by order of magnitude (units lie 3 decades apart, so the choice is unambiguous for any
+    tissue ADC). ``None`` when the plans do not record it.
+    """
+    properties = plans.get("foreground_intensity_properties_per_channel", {}).get(str(channel))
+    median = (properties or {}).get("median")
+    if not median or median <= 0:
+        return None
+    return min(
+        ADC_UNITS,
+        key=lambda u: abs(np.log10(median) - np.log10(_TYPICAL_ADC_MM2_S * ADC_UNITS[u])),
+    )
+
+
+def adc_unit(
+    folder: Path,
+    plans: dict[str, Any],
+    channels: list[tuple[str, str]],
+    params: SegmentationParams,
+) -> str | None:
+    """The ADC unit the model takes: ``params.adc_unit``, or with ``"auto"`` the unit read
+    from its plans (:func:`model_adc_unit`); ``None`` when no channel is the ADC.
+
+    Raises
+    ------
+    InputError
+        With ``"auto"``, if the plans do not record the training ADC.
+    """
+    index = next((i for i, (_, role) in enumerate(channels) if role == "adc"), None)
+    if index is None:
+        return None
+    if params.adc_unit != "auto":
+        return params.adc_unit
+    unit = model_adc_unit(plans, index)
+    if unit is None:
+        raise InputError(
+            "the model's plans do not record its training ADC, so its ADC unit is unknown",
+            step=STEP,
+            path=folder / "plans.json",
+            hint="set segmentation.adc_unit (PI-CAI models: '1e-6 mm2/s')",
+        )
+    return unit
+
+
 def _first_conv_in_channels(state_dict: dict[str, Any]) -> int | None:
     """Input channels of the first convolution in a state dict (registration order)."""
     for value in state_dict.values():
@@ -181,6 +235,13 @@ class NnUNetBackend:
         (nnU-Net channel name, image role) in channel order.
     label_names : dict of int to str
         Output label value -> name, background excluded (e.g. ``{1: "gland"}``).
+    adc_unit : str or None
+        The ADC unit the model takes (``params.adc_unit``, or read from the plans); our ADC
+        (mm²/s) is multiplied by ``ADC_UNITS[adc_unit]``. ``None`` without an ADC channel.
+    normalization : dict of str to str
+        nnU-Net's normalisation per channel name (``ZScoreNormalization``: per image, so the
+        unit does not matter; ``CTNormalization``: with the training data's statistics, so
+        it does).
     predictor : nnunetv2.inference.predict_from_raw_data.nnUNetPredictor
 
     Raises
@@ -200,6 +261,7 @@ class NnUNetBackend:
         self.name = name or folder.name
         dataset_json, plans = self._read_model_files(folder)
         self.channels = map_channels(dataset_json.get("channel_names", {}), params.channel_map)
+        check_checkpoints(folder, params, dataset_json, plans)
         reader = plans.get("image_reader_writer", "SimpleITKIO")
         if reader not in _READER_ORIENTATION:
             raise InputError(
@@ -219,6 +281,11 @@ class NnUNetBackend:
         self.label_names = label_names(
             dataset_json, self.predictor.label_manager.regions_class_order
         )
+        schemes = self.predictor.configuration_manager.normalization_schemes
+        self.normalization = {
+            name: scheme for (name, _), scheme in zip(self.channels, schemes, strict=True)
+        }
+        self.adc_unit = adc_unit(folder, plans, self.channels, params)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -328,21 +395,6 @@ class NnUNetBackend:
 
         if self.device.type == "cpu":
             torch.set_num_threads(self.params.threads)
-        for path in checkpoints:  # check before nnU-Net builds the network, for a clear error
-            try:
-                checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-                weights = checkpoint["network_weights"]
-                checkpoint["init_args"]["configuration"]  # noqa: B018 - nnU-Net needs it
-            except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is bad input
-                raise InputError(f"cannot read checkpoint: {exc!r}", step=STEP, path=path) from None
-            expected = _first_conv_in_channels(weights)
-            if expected is not None and expected != n_channels:
-                raise InputError(
-                    f"dataset.json names {n_channels} channel(s) but the network takes {expected}",
-                    step=STEP,
-                    path=path,
-                    hint="dataset.json and the checkpoint come from different models",
-                )
         predictor = nnUNetPredictor(
             tile_step_size=self.params.tile_step_size,
             use_gaussian=True,
@@ -422,7 +474,10 @@ class NnUNetBackend:
                     hint=f"provide the {role} image on the T2 grid",
                 )
             check_on_grid(image, t2, role)
-            arrays.append(self._array(image))
+            array = self._array(image)
+            if role == "adc":
+                array = array * np.float32(ADC_UNITS[self.adc_unit])
+            arrays.append(array)
         data = np.stack(arrays)
         spacing = (
             sitk.DICOMOrient(t2, self._orientation).GetSpacing()
@@ -473,20 +528,111 @@ class NnUNetBackend:
                 "use_mirroring": self.params.use_mirroring,
                 "tile_step_size": self.params.tile_step_size,
                 "channels": {name: role for name, role in self.channels},
+                "adc_unit": self.adc_unit,
+                "normalization": dict(self.normalization),
                 "seconds": round(seconds, 3),
             },
         )
 
 
+def check_checkpoints(
+    folder: Path, params: SegmentationParams, dataset_json: dict[str, Any], plans: dict[str, Any]
+) -> None:
+    """Every used fold's checkpoint fits the plans: readable, trained in a configuration of
+    ``plans.json``, taking the channels of ``dataset.json``, and with weights of exactly
+    the shapes of the network the plans describe (built on CPU, weights loaded strictly).
+
+    Raises
+    ------
+    InputError
+        Naming the checkpoint and the mismatch.
+    """
+    import torch  # noqa: PLC0415
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # noqa: PLC0415
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: PLC0415
+
+    n_channels = len(dataset_json["channel_names"])
+    plans_manager = PlansManager(plans)
+    n_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    mismatch = "plans.json, dataset.json and the checkpoints must come from one training"
+    for fold in NnUNetBackend._folds(folder, params):
+        path = folder / f"fold_{fold}" / params.checkpoint
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            weights = checkpoint["network_weights"]
+            configuration = checkpoint["init_args"]["configuration"]
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is bad input
+            raise InputError(f"cannot read checkpoint: {exc!r}", step=STEP, path=path) from None
+        if configuration not in plans.get("configurations", {}):
+            raise InputError(
+                f"checkpoint was trained in configuration {configuration!r}, which plans.json "
+                f"lacks (has {sorted(plans.get('configurations', {}))})",
+                step=STEP,
+                path=path,
+                hint=mismatch,
+            )
+        expected = _first_conv_in_channels(weights)
+        if expected is not None and expected != n_channels:
+            raise InputError(
+                f"dataset.json names {n_channels} channel(s) but the network takes {expected}",
+                step=STEP,
+                path=path,
+                hint="dataset.json and the checkpoint come from different models",
+            )
+        manager = plans_manager.get_configuration(configuration)
+        network = get_network_from_plans(
+            manager.network_arch_class_name,
+            manager.network_arch_init_kwargs,
+            manager.network_arch_init_kwargs_req_import,
+            n_channels,
+            n_outputs,
+            allow_init=False,
+            deep_supervision=True,
+        )
+        problem = _weights_problem(network.state_dict(), weights)
+        if problem:
+            raise InputError(
+                f"the checkpoint's weights do not fit the network of plans.json "
+                f"({configuration}): {problem}",
+                step=STEP,
+                path=path,
+                hint=mismatch,
+            )
+
+
+def _weights_problem(expected: dict[str, Any], weights: dict[str, Any]) -> str | None:
+    """How a state dict differs from a network's (first few keys), or ``None``."""
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    parts = [
+        f"{what} {len(keys)}: {', '.join(keys[:2])}"
+        for what, keys in (
+            ("shape differs (checkpoint vs plans) for", shapes),
+            ("missing in the checkpoint:", missing),
+            ("not in the plans' network:", extra),
+        )
+        if keys
+    ]
+    return "; ".join(parts) or None
+
+
 def check_model_folder(folder: Path, params: SegmentationParams) -> None:
-    """Check an nnU-Net v2 model folder without loading the network (no torch): its
-    ``dataset.json`` and ``plans.json``, the channel mapping, the folds and checkpoints.
+    """Check an nnU-Net v2 model folder before any exam is processed: its ``dataset.json``
+    and ``plans.json``, the channel mapping, the folds, the ADC unit, and every checkpoint
+    against the plans (:func:`check_checkpoints`; the network is built on the CPU, nothing
+    runs on a GPU).
 
     Raises
     ------
     InputError
         What :class:`NnUNetBackend` would raise on loading the model.
     """
-    dataset_json, _plans = NnUNetBackend._read_model_files(folder)
-    map_channels(dataset_json.get("channel_names", {}), params.channel_map)
-    NnUNetBackend._folds(folder, params)
+    dataset_json, plans = NnUNetBackend._read_model_files(folder)
+    channels = map_channels(dataset_json.get("channel_names", {}), params.channel_map)
+    adc_unit(folder, plans, channels, params)
+    check_checkpoints(folder, params, dataset_json, plans)
