@@ -260,7 +260,7 @@ def naive_exam(
     from tasks.denoise import SusanParams, T2DenoiseParams, denoise_dwi
     from tasks.dwi import DwiFitParams, standardize_b1000
     from tasks.measure import mask_volume_ml
-    from tasks.segment import DEMO_MODEL_DIR, SegmentationInputs, SegmentationParams
+    from tasks.segment import DEMO_MODELS, SegmentationInputs, SegmentationParams
 
     costs: dict[str, dict[str, float]] = {}
 
@@ -324,7 +324,7 @@ def naive_exam(
             from tasks.segment_nnunet import NnUNetBackend
 
             params = SegmentationParams(device="auto", use_mirroring=True, threads=cores)
-            backend: Any = NnUNetBackend(DEMO_MODEL_DIR, params=params)
+            backend: Any = NnUNetBackend(DEMO_MODELS["demo"], params=params)
         else:
             from tasks.segment_taps import TapsBackend
 

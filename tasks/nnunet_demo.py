@@ -47,16 +47,22 @@ import SimpleITK as sitk
 from tasks.errors import InputError
 from tasks.io import sha256_file, write_json_atomic, write_text_atomic
 from tasks.pseudonym import pseudonymous_id
-from tasks.segment import DEMO_MODEL_DIR
+from tasks.segment import DEMO_MODELS
 from tasks.segment_backend import check_on_grid
 
 STEP = "nnunet_demo"
 DATASET_ID = 731
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_ProstateSynthetic"
 CHANNEL_NAMES = {"0": "T2", "1": "HBV", "2": "ADC"}
-PLANS_NAME = "nnUNetPlans_demoCPU"
 CONFIGURATION = "3d_fullres"
-FOLD = 0
+#: Output labels (nnU-Net ``dataset.json`` form) and the truth file they are trained on.
+LABELS: dict[str, dict[str, int]] = {
+    "gland": {"background": 0, "gland": 1},
+    "zones": {"background": 0, "pz": 1, "tz": 2},
+}
+TRUTH_FILES = {"gland": "t2_gland_mask.nii.gz", "zones": "t2_zones.nii.gz"}
+#: Plans name by planner (the ResEnc planner is nnU-Net's ``nnUNetPlannerResEncM``).
+PLANS_NAMES = {"default": "nnUNetPlans_demoCPU", "resenc": "nnUNetResEncUNetMPlans_demoCPU"}
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,16 @@ class DemoRecipe:
     torch_seed
         Seed of torch, numpy and random in the training process.
     threads
-        CPU threads for torch (and ITK) in training.
+        CPU threads for torch (and ITK) in training, per fold.
+    planner
+        ``"default"``: nnU-Net's plain U-Net planner; ``"resenc"``: its residual-encoder
+        planner (``nnUNetPlannerResEncM``), the users' model form.
+    labels
+        ``"gland"`` (label 1) or ``"zones"`` (1 = PZ, 2 = TZ); see :data:`LABELS`.
+    n_splits, folds
+        ``n_splits`` 1: one split (the training exams, then the held-out ones), fold 0;
+        otherwise nnU-Net's ``n_splits``-fold cross-validation over all exams, of which
+        ``folds`` are trained (in parallel, one process each).
     """
 
     target_spacing: tuple[float, float, float] = (3.0, 1.0, 1.0)
@@ -106,6 +121,22 @@ class DemoRecipe:
     initial_lr: float = 1e-2
     torch_seed: int = 12345
     threads: int = 1
+    planner: str = "default"
+    labels: str = "gland"
+    n_splits: int = 1
+    folds: tuple[int, ...] = (0,)
+
+    @property
+    def plans_name(self) -> str:
+        return PLANS_NAMES[self.planner]
+
+
+#: The committed demo models: name -> recipe. ``demo`` is the test and demo cohort's model;
+#: ``demo-zones`` has the users' model form (ResEnc plans, cross-validation folds, PZ/TZ).
+RECIPES: dict[str, DemoRecipe] = {
+    "demo": DemoRecipe(),
+    "demo-zones": DemoRecipe(planner="resenc", labels="zones", n_splits=5, folds=(0, 1)),
+}
 
 
 # -- training cases from a pipeline run --------------------------------------------------------
@@ -196,7 +227,13 @@ def run_pipeline(output_root: Path, *, patients: int, seed: int, threads: int = 
 
 
 def ensure_cohort(
-    output_root: Path, *, patients: int, seed: int, threads: int = 1, reuse: bool = True
+    output_root: Path,
+    *,
+    patients: int,
+    seed: int,
+    threads: int = 1,
+    reuse: bool = True,
+    truth_file: str = TRUTH_FILES["gland"],
 ) -> tuple[list[TrainingCase], dict[str, Any]]:
     """The first ``patients`` preprocessed exams of a seeded demo cohort, made if needed.
 
@@ -213,14 +250,14 @@ def ensure_cohort(
     output_root = Path(output_root)
     if reuse and output_root.is_dir():
         try:
-            cases = pipeline_cases(output_root)
+            cases = pipeline_cases(output_root, truth_file=truth_file)
         except InputError:
             cases = []
         if len(cases) >= patients:
             return cases[:patients], {"reused": True}
     run = run_pipeline(output_root, patients=patients, seed=seed, threads=threads)
     try:
-        cases = pipeline_cases(output_root)
+        cases = pipeline_cases(output_root, truth_file=truth_file)
     except InputError:
         cases = []
     if len(cases) < patients:
@@ -250,14 +287,17 @@ def write_raw_dataset(
     *,
     val_cases: Sequence[TrainingCase] = (),
     labels: dict[str, int] | None = None,
+    n_splits: int = 1,
 ) -> Path:
     """Write ``cases`` (+ ``val_cases``) as an nnU-Net raw dataset; return its folder.
 
     Outputs
     -------
     ``<raw_root>/Dataset731_ProstateSynthetic/imagesTr/<case>_000{0,1,2}.nii.gz`` (T2, HBV,
-    ADC), ``labelsTr/<case>.nii.gz`` (uint8), ``dataset.json`` and ``splits_final.json`` (one
-    split: train = ``cases``, val = ``val_cases``). Every image gets the T2 header exactly.
+    ADC), ``labelsTr/<case>.nii.gz`` (uint8), ``dataset.json`` and ``splits_final.json``:
+    with ``n_splits`` 1 one split (train = ``cases``, val = ``val_cases``), otherwise
+    nnU-Net's own ``n_splits``-fold split of all cases (``generate_crossval_split``, seed
+    12345). Every image gets the T2 header exactly.
 
     Raises
     ------
@@ -291,7 +331,13 @@ def write_raw_dataset(
         "file_ending": ".nii.gz",
     }
     write_json_atomic(folder / "dataset.json", dataset)
-    split = [{"train": [c.case_id for c in cases], "val": [c.case_id for c in val_cases]}]
+    if n_splits == 1:
+        split = [{"train": [c.case_id for c in cases], "val": [c.case_id for c in val_cases]}]
+    else:
+        from nnunetv2.utilities.crossval_split import generate_crossval_split  # noqa: PLC0415
+
+        ids = [c.case_id for c in [*cases, *val_cases]]
+        split = generate_crossval_split(ids, seed=12345, n_splits=n_splits)
     write_json_atomic(folder / "splits_final.json", split)
     return folder
 
@@ -305,10 +351,16 @@ def _demo_classes(recipe: DemoRecipe) -> tuple[type, type]:
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (  # noqa: PLC0415
         ExperimentPlanner,
     )
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (  # noqa: PLC0415, E501
+        nnUNetPlannerResEncM,
+    )
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: PLC0415
 
-    class DemoCPUPlanner(ExperimentPlanner):
-        """nnU-Net's default planner with a narrower U-Net (features in the plans)."""
+    base = nnUNetPlannerResEncM if recipe.planner == "resenc" else ExperimentPlanner
+
+    class DemoCPUPlanner(base):
+        """nnU-Net's planner (default or ResEnc M) with a narrower network (features in
+        the plans)."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -339,22 +391,25 @@ def _demo_classes(recipe: DemoRecipe) -> tuple[type, type]:
     return DemoCPUPlanner, nnUNetTrainer_DemoCPU
 
 
-def _child(work: Path, recipe: DemoRecipe) -> dict[str, Any]:
-    """Plan, preprocess and train in this (child) process; nnU-Net env already set."""
+def _seed(recipe: DemoRecipe) -> None:
     import torch  # noqa: PLC0415
-    from batchgenerators.utilities.file_and_folder_operations import load_json  # noqa: PLC0415
+
+    torch.set_num_threads(recipe.threads)
+    random.seed(recipe.torch_seed)
+    np.random.seed(recipe.torch_seed)
+    torch.manual_seed(recipe.torch_seed)
+
+
+def _child_prepare(recipe: DemoRecipe) -> dict[str, Any]:
+    """Fingerprint, plan and preprocess in this (child) process; nnU-Net env already set."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (  # noqa: PLC0415
         extract_fingerprint_dataset,
         plan_experiment_dataset,
         preprocess_dataset,
     )
 
-    torch.set_num_threads(recipe.threads)
-    random.seed(recipe.torch_seed)
-    np.random.seed(recipe.torch_seed)
-    torch.manual_seed(recipe.torch_seed)
-    planner, trainer_class = _demo_classes(recipe)
-    times = {}
+    _seed(recipe)
+    planner, _ = _demo_classes(recipe)
     started = time.perf_counter()
     # The planner sets torch threads to nnUNet_n_proc_DA (0 is refused there); training then
     # augments in this process (0: no augmentation worker processes).
@@ -365,30 +420,40 @@ def _child(work: Path, recipe: DemoRecipe) -> dict[str, Any]:
         planner,
         gpu_memory_target_in_gb=recipe.gpu_memory_target_gb,
         overwrite_target_spacing=recipe.target_spacing,
-        overwrite_plans_name=PLANS_NAME,
+        overwrite_plans_name=recipe.plans_name,
     )
-    preprocess_dataset(DATASET_ID, PLANS_NAME, (CONFIGURATION,), [1], show_progress_bar=False)
-    times["plan_preprocess_s"] = time.perf_counter() - started
-    os.environ["nnUNet_n_proc_DA"] = "0"  # noqa: SIM112
-    torch.set_num_threads(recipe.threads)
+    preprocess_dataset(
+        DATASET_ID, recipe.plans_name, (CONFIGURATION,), [1], show_progress_bar=False
+    )
+    return {"plan_preprocess_s": time.perf_counter() - started}
 
+
+def _child_train(work: Path, recipe: DemoRecipe, fold: int) -> dict[str, Any]:
+    """Train one fold in this (child) process; nnU-Net env already set."""
+    import torch  # noqa: PLC0415
+    from batchgenerators.utilities.file_and_folder_operations import load_json  # noqa: PLC0415
+
+    _seed(recipe)
+    _, trainer_class = _demo_classes(recipe)
+    torch.set_num_threads(recipe.threads)
     preprocessed = work / "nnUNet_preprocessed" / DATASET_NAME
-    plans = load_json(str(preprocessed / f"{PLANS_NAME}.json"))
+    plans = load_json(str(preprocessed / f"{recipe.plans_name}.json"))
     plans["continue_training"] = False  # nnU-Net 2.8's trainer pops this key
     dataset_json = load_json(str(preprocessed / "dataset.json"))
     trainer = trainer_class(
         plans=plans,
         configuration=CONFIGURATION,
-        fold=FOLD,
+        fold=fold,
         dataset_json=dataset_json,
         device=torch.device("cpu"),
     )
     started = time.perf_counter()
     trainer.run_training()
-    times["train_s"] = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     log = trainer.logger.get_checkpoint()
     return {
-        "times": times,
+        "fold": fold,
+        "train_s": seconds,
         "output_folder": trainer.output_folder_base,
         "trainer": trainer_class.__name__,
         "pseudo_dice_last": [float(x) for x in log["dice_per_class_or_region"][-1]],
@@ -401,26 +466,17 @@ def _child(work: Path, recipe: DemoRecipe) -> dict[str, Any]:
 
 
 def _child_main() -> None:
-    """Entry of the training child process: ``argv[1]`` work dir, ``argv[2]`` recipe JSON."""
+    """Entry of a training child process: ``argv[1]`` work dir, ``argv[2]`` recipe JSON,
+    ``argv[3]`` ``prepare`` or the fold to train; the result goes to ``argv[4]``."""
     work, recipe = Path(sys.argv[1]), DemoRecipe(**json.loads(sys.argv[2]))
-    result = _child(work, recipe)
-    write_json_atomic(work / "child_result.json", result)
+    action = sys.argv[3]
+    result = (
+        _child_prepare(recipe) if action == "prepare" else _child_train(work, recipe, int(action))
+    )
+    write_json_atomic(Path(sys.argv[4]), result)
 
 
-def train_nnunet(work: Path, recipe: DemoRecipe) -> dict[str, Any]:
-    """Fingerprint, plan, preprocess and train fold 0 of the raw dataset under ``work``.
-
-    Runs in a child process with ``nnUNet_raw`` = ``work/nnUNet_raw`` (written by
-    :func:`write_raw_dataset`), ``nnUNet_preprocessed`` and ``nnUNet_results`` under ``work``,
-    data augmentation in-process (``nnUNet_n_proc_DA=0``) and ``recipe.threads`` threads.
-
-    Returns
-    -------
-    dict
-        ``times`` (plan_preprocess_s, train_s), ``output_folder`` (the nnU-Net training
-        output), trainer name, last pseudo Dice and loss, mean epoch seconds.
-    """
-    work = Path(work)
+def _start_child(work: Path, recipe: DemoRecipe, action: str) -> tuple[subprocess.Popen, Path]:
     env = dict(os.environ) | _thread_env(recipe.threads)
     env |= {
         "nnUNet_raw": str(work / "nnUNet_raw"),
@@ -431,32 +487,68 @@ def train_nnunet(work: Path, recipe: DemoRecipe) -> dict[str, Any]:
         "nnUNet_compile": "false",
     }
     code = "from tasks.nnunet_demo import _child_main; _child_main()"
-    log = work / "train.log"
+    result, log = work / f"child_{action}.json", work / f"child_{action}.log"
     with open(log, "w") as handle:
-        result = subprocess.run(
-            [sys.executable, "-c", code, str(work), json.dumps(asdict(recipe))],
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, str(work), json.dumps(asdict(recipe)), action, result],
             env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,
-            check=False,
             cwd=Path(__file__).resolve().parent.parent,
         )
-    if result.returncode != 0:
+    return process, log
+
+
+def _finish(process: subprocess.Popen, log: Path) -> dict[str, Any]:
+    if process.wait() != 0:
         raise RuntimeError(f"nnU-Net training failed, see {log}:\n{log.read_text()[-4000:]}")
-    return json.loads((work / "child_result.json").read_text())
+    return json.loads(log.with_suffix(".json").read_text())
+
+
+def train_nnunet(work: Path, recipe: DemoRecipe) -> dict[str, Any]:
+    """Fingerprint, plan, preprocess and train ``recipe.folds`` of the raw dataset in ``work``.
+
+    Child processes with ``nnUNet_raw`` = ``work/nnUNet_raw`` (written by
+    :func:`write_raw_dataset`), ``nnUNet_preprocessed`` and ``nnUNet_results`` under ``work``,
+    data augmentation in-process (``nnUNet_n_proc_DA=0``) and ``recipe.threads`` threads
+    each: one plans and preprocesses, then one per fold trains, all folds at once.
+
+    Returns
+    -------
+    dict
+        ``times`` (plan_preprocess_s, train_s = the longest fold), ``output_folder`` (the
+        nnU-Net training output), trainer name, and per fold (``per_fold``) the last pseudo
+        Dice and loss and the mean epoch seconds.
+    """
+    work = Path(work)
+    prepared = _finish(*_start_child(work, recipe, "prepare"))
+    started = time.perf_counter()
+    children = [_start_child(work, recipe, str(fold)) for fold in recipe.folds]
+    folds = [_finish(*child) for child in children]
+    return {
+        "times": {
+            "plan_preprocess_s": prepared["plan_preprocess_s"],
+            "train_s": time.perf_counter() - started,
+        },
+        "output_folder": folds[0]["output_folder"],
+        "trainer": folds[0]["trainer"],
+        "per_fold": folds,
+    }
 
 
 # -- export and evaluation ----------------------------------------------------------------------
 
 
-def export_slim_model(training_folder: Path, out_dir: Path, *, fold: int = FOLD) -> dict[str, Any]:
+def export_slim_model(
+    training_folder: Path, out_dir: Path, *, folds: Sequence[int] = (0,)
+) -> dict[str, Any]:
     """Copy the inference part of an nnU-Net training output to ``out_dir``.
 
     Outputs
     -------
-    ``out_dir/dataset.json``, ``out_dir/plans.json``, ``out_dir/fold_<fold>/checkpoint_final.pth``
-    holding ``network_weights``, ``init_args`` (configuration, fold), ``trainer_name``
-    (``nnUNetTrainer``), ``trained_with``, ``inference_allowed_mirroring_axes`` and
+    ``out_dir/dataset.json``, ``out_dir/plans.json``, ``out_dir/fold_<k>/checkpoint_final.pth``
+    for every fold, holding ``network_weights``, ``init_args`` (configuration, fold),
+    ``trainer_name`` (``nnUNetTrainer``), ``trained_with``, ``inference_allowed_mirroring_axes`` and
     ``current_epoch``. Other files in ``out_dir`` are left alone.
 
     Returns
@@ -464,9 +556,22 @@ def export_slim_model(training_folder: Path, out_dir: Path, *, fold: int = FOLD)
     dict
         Size in bytes and sha256 of every written file.
     """
+    training_folder, out_dir = Path(training_folder), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copyfile(training_folder / name, out_dir / name)
+    files = [out_dir / "dataset.json", out_dir / "plans.json"]
+    for fold in folds:
+        files.append(_export_fold(training_folder, out_dir, fold))
+    return {
+        str(p.relative_to(out_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in files
+    }
+
+
+def _export_fold(training_folder: Path, out_dir: Path, fold: int) -> Path:
     import torch  # noqa: PLC0415
 
-    training_folder, out_dir = Path(training_folder), Path(out_dir)
     checkpoint = torch.load(
         training_folder / f"fold_{fold}" / "checkpoint_final.pth",
         map_location="cpu",
@@ -484,18 +589,11 @@ def export_slim_model(training_folder: Path, out_dir: Path, *, fold: int = FOLD)
         "inference_allowed_mirroring_axes": checkpoint.get("inference_allowed_mirroring_axes"),
         "current_epoch": checkpoint.get("current_epoch"),
     }
-    (out_dir / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir / f"fold_{fold}")
-    (out_dir / f"fold_{fold}").mkdir()
-    for name in ("dataset.json", "plans.json"):
-        shutil.copyfile(training_folder / name, out_dir / name)
+    shutil.rmtree(out_dir / f"fold_{fold}", ignore_errors=True)
+    (out_dir / f"fold_{fold}").mkdir(parents=True)
     target = out_dir / f"fold_{fold}" / "checkpoint_final.pth"
     torch.save(slim, target)
-    files = [out_dir / "dataset.json", out_dir / "plans.json", target]
-    return {
-        str(p.relative_to(out_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in files
-    }
+    return target
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -506,16 +604,28 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate_model(
-    model_dir: Path, cases: list[TrainingCase], *, use_mirroring: bool = False, threads: int = 1
+    model_dir: Path,
+    cases: list[TrainingCase],
+    *,
+    use_mirroring: bool = False,
+    threads: int = 1,
+    folds: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Dice of the model's gland (all foreground labels) against each case's mask, and seconds."""
+    """Dice against each case's mask, and seconds: ``dice`` of the gland (all foreground
+    labels), and ``dice_<label>`` for every label of a multi-label model (label values as
+    in the truth). ``folds``: the folds to ensemble (default: all)."""
     import torch  # noqa: PLC0415
 
     from tasks.segment import SegmentationInputs, SegmentationParams  # noqa: PLC0415
     from tasks.segment_nnunet import NnUNetBackend  # noqa: PLC0415
 
     torch.set_num_threads(threads)
-    params = SegmentationParams(device="cpu", use_mirroring=use_mirroring, threads=threads)
+    params = SegmentationParams(
+        device="cpu",
+        use_mirroring=use_mirroring,
+        threads=threads,
+        folds=None if folds is None else tuple(folds),
+    )
     backend = NnUNetBackend(model_dir, params=params)
     rows = []
     for case in cases:
@@ -527,15 +637,13 @@ def evaluate_model(
         started = time.perf_counter()
         result = backend.segment(inputs)
         seconds = time.perf_counter() - started
-        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.mask))) > 0
-        predicted = sitk.GetArrayFromImage(result.labels) > 0
-        rows.append(
-            {
-                "case": case.case_id,
-                "dice": round(dice(predicted, truth), 4),
-                "seconds": round(seconds, 2),
-            }
-        )
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.mask)))
+        predicted = sitk.GetArrayFromImage(result.labels)
+        row = {"case": case.case_id, "dice": round(dice(predicted > 0, truth > 0), 4)}
+        if len(result.label_names) > 1:
+            for value, name in sorted(result.label_names.items()):
+                row[f"dice_{name}"] = round(dice(predicted == value, truth == value), 4)
+        rows.append(row | {"seconds": round(seconds, 2)})
     return rows
 
 
@@ -545,15 +653,17 @@ def evaluate_model(
 def train_demo_model(
     work_dir: Path,
     *,
+    name: str = "demo",
     n_cases: int = 24,
     n_val: int = 2,
     seed: int = 1000,
-    out_dir: Path = DEMO_MODEL_DIR,
+    out_dir: Path | None = None,
     eval_patients: int = 4,
     eval_seed: int = 0,
     recipe: DemoRecipe | None = None,
     reuse_pipeline: bool = True,
     notes: str = "",
+    check_mirroring: bool = True,
 ) -> dict[str, Any]:
     """Make the demo model from scratch: pipeline runs, nnU-Net training, export, evaluation.
 
@@ -562,23 +672,27 @@ def train_demo_model(
     work_dir
         Scratch folder for the pipeline outputs and nnU-Net's raw, preprocessed and results
         folders (about 3.3 GB with the defaults).
+    name
+        Which demo model (:data:`RECIPES`, :data:`tasks.segment.DEMO_MODELS`).
     n_cases, n_val
         Training and validation exams, made by the pipeline with ``seed`` (exams 1 ..
         ``n_cases`` train, the next ``n_val`` validate).
     seed
         Seed of the training cohort; must differ from ``eval_seed``.
     out_dir
-        Where the slim model goes (default ``models/demo-nnunet``).
+        Where the slim model goes (default: the model's folder under ``models/``).
     eval_patients, eval_seed
         The unseen exams the Dice is measured on (the demo and test seed 0).
     recipe
-        Network and schedule (:class:`DemoRecipe` defaults).
+        Network, labels, folds and schedule (default ``RECIPES[name]``).
     reuse_pipeline
         Use a cohort folder in ``work_dir`` that already holds enough processed exams as it
         is, without running the pipeline (:func:`ensure_cohort`); ``False`` deletes and
         remakes both cohorts.
     notes
         Free text for the model's README.md (e.g. how long an earlier, reused run took).
+    check_mirroring
+        Also measure the Dice on the unseen exams with test-time mirroring (8x slower).
 
     Returns
     -------
@@ -588,31 +702,40 @@ def train_demo_model(
     """
     if seed == eval_seed:
         raise InputError("the training seed must differ from the evaluation seed", step=STEP)
-    recipe = recipe or DemoRecipe()
-    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    recipe = recipe or RECIPES[name]
+    work_dir, out_dir = Path(work_dir), Path(out_dir or DEMO_MODELS[name])
     train_root, eval_root = work_dir / f"cohort-seed{seed}", work_dir / f"cohort-seed{eval_seed}"
     if not reuse_pipeline:
         shutil.rmtree(train_root, ignore_errors=True)
         shutil.rmtree(eval_root, ignore_errors=True)
     times: dict[str, float] = {}
+    truth_file = TRUTH_FILES[recipe.labels]
     cases, train_run = ensure_cohort(
         train_root,
         patients=n_cases + n_val,
         seed=seed,
         threads=recipe.threads,
         reuse=reuse_pipeline,
+        truth_file=truth_file,
     )
     times["pipeline_train_s"] = train_run.get("seconds", 0.0)
     train, val = cases[:n_cases], cases[n_cases:]
     started = time.perf_counter()
     nnunet_work = work_dir / "nnunet"
     shutil.rmtree(nnunet_work, ignore_errors=True)
-    write_raw_dataset(train, nnunet_work / "nnUNet_raw", val_cases=val)
+    raw = write_raw_dataset(
+        train,
+        nnunet_work / "nnUNet_raw",
+        val_cases=val,
+        labels=LABELS[recipe.labels],
+        n_splits=recipe.n_splits,
+    )
+    splits = json.loads((raw / "splits_final.json").read_text())
     times["raw_dataset_s"] = time.perf_counter() - started
     child = train_nnunet(nnunet_work, recipe)
     times |= child["times"]
     started = time.perf_counter()
-    files = export_slim_model(Path(child["output_folder"]), out_dir)
+    files = export_slim_model(Path(child["output_folder"]), out_dir, folds=recipe.folds)
     times["export_s"] = time.perf_counter() - started
     eval_cases, eval_run = ensure_cohort(
         eval_root,
@@ -620,23 +743,43 @@ def train_demo_model(
         seed=eval_seed,
         threads=recipe.threads,
         reuse=reuse_pipeline,
+        truth_file=truth_file,
     )
     times["pipeline_eval_s"] = eval_run.get("seconds", 0.0)
     started = time.perf_counter()
-    held_out = evaluate_model(out_dir, val, threads=recipe.threads)
+    by_id = {c.case_id: c for c in cases}
+    held_out = [  # each fold's own validation exams, with that fold alone
+        row | {"fold": fold}
+        for fold in recipe.folds
+        for row in evaluate_model(
+            out_dir,
+            [by_id[i] for i in splits[fold]["val"]],
+            threads=recipe.threads,
+            folds=[fold],
+        )
+    ]
     unseen = evaluate_model(out_dir, eval_cases, threads=recipe.threads)
-    unseen_mirror = evaluate_model(out_dir, eval_cases, use_mirroring=True, threads=recipe.threads)
+    unseen_mirror = (
+        evaluate_model(out_dir, eval_cases, use_mirroring=True, threads=recipe.threads)
+        if check_mirroring
+        else []
+    )
     times["evaluate_s"] = time.perf_counter() - started
     report = {
-        "command": f"train_demo_model(work_dir, n_cases={n_cases}, n_val={n_val}, seed={seed}, "
+        "name": name,
+        "command": f"train_demo_model(work_dir, name={name!r}, n_cases={n_cases}, "
+        f"n_val={n_val}, seed={seed}, "
         f"eval_patients={eval_patients}, eval_seed={eval_seed})",
         "recipe": asdict(recipe),
         "dataset": DATASET_NAME,
-        "plans": PLANS_NAME,
+        "plans": recipe.plans_name,
+        "labels": LABELS[recipe.labels],
+        "truth_file": truth_file,
         "configuration": CONFIGURATION,
         "trainer": child["trainer"],
         "train_cases": [c.case_id for c in train],
         "val_cases": [c.case_id for c in val],
+        "splits": [splits[fold] for fold in recipe.folds],
         "training_seed": seed,
         "pipeline_command": f"prostate-cohort demo --patients {n_cases + n_val} --seed {seed}",
         "pipeline_runs": {
@@ -644,8 +787,10 @@ def train_demo_model(
             "eval": {k: v for k, v in eval_run.items() if k != "output"},
         },
         "iterations": recipe.epochs * recipe.iterations_per_epoch,
-        "pseudo_dice_last_epoch": child["pseudo_dice_last"],
-        "mean_epoch_s": round(child["epoch_seconds_mean"], 2),
+        "pseudo_dice_last_epoch": [f["pseudo_dice_last"] for f in child["per_fold"]],
+        "mean_epoch_s": round(
+            float(np.mean([f["epoch_seconds_mean"] for f in child["per_fold"]])), 2
+        ),
         "dice_val": held_out,
         "dice_unseen": unseen,
         "dice_unseen_mirroring": unseen_mirror,
@@ -670,18 +815,49 @@ def _versions() -> dict[str, str]:
 def model_readme(report: dict[str, Any]) -> str:
     """The model folder's README.md from a :func:`train_demo_model` report."""
     r = report["recipe"]
+    labels = {k: v for k, v in report.get("labels", LABELS["gland"]).items() if v}
+    folds = list(r.get("folds", [0]))
+    resenc = r.get("planner", "default") == "resenc"
 
     def dice_line(rows: list[dict]) -> str:
-        values = [row["dice"] for row in rows]
+        if not rows:
+            return "not measured"
         seconds = np.mean([row["seconds"] for row in rows])
-        return (
-            f"mean {np.mean(values):.4f}, min {np.min(values):.4f} (n = {len(values)}); "
-            f"{seconds:.1f} s per exam"
-        )
+        keys = ["dice"] + [f"dice_{name}" for name in labels if len(labels) > 1]
+        parts = []
+        for key in keys:
+            values = [row[key] for row in rows]
+            name = "gland" if key == "dice" else key.removeprefix("dice_")
+            parts.append(f"{name} mean {np.mean(values):.4f}, min {np.min(values):.4f}")
+        return f"{'; '.join(parts)} (n = {len(rows)}); {seconds:.1f} s per exam"
 
     times = "\n".join(f"- `{k}`: {v} s" for k, v in report["times_s"].items())
     notes = f"\n{report['notes']}\n" if report.get("notes") else ""
-    return f"""# Demo nnU-Net v2 model: prostate gland from T2W + b1000 DWI + ADC
+    outputs = ", ".join(f"{v} = `{k}`" for k, v in labels.items())
+    fold_files = ", ".join(f"`fold_{f}/checkpoint_final.pth`" for f in folds)
+    planner = "`nnUNetPlannerResEncM` (residual encoder)" if resenc else "`ExperimentPlanner`"
+    if r.get("n_splits", 1) == 1:
+        split = (
+            f"   - Training: {len(report['train_cases'])} exams, {report['train_cases'][0]} to "
+            f"{report['train_cases'][-1]}.\n"
+            f"   - Held-out validation (fold 0 of `splits_final.json`): "
+            f"{', '.join(report['val_cases'])}."
+        )
+    else:
+        cases = [*report["train_cases"], *report["val_cases"]]
+        split = (
+            f"   - {len(cases)} exams, {cases[0]} to {cases[-1]}, in nnU-Net's "
+            f"{r['n_splits']}-fold cross-validation split; folds {folds} trained, each "
+            "validated on its own held-out exams:\n"
+            + "\n".join(
+                f"     fold {f}: {', '.join(s['val'])}"
+                for f, s in zip(folds, report["splits"], strict=True)
+            )
+        )
+    mirroring = report.get("dice_unseen_mirroring") or []
+    mirror_line = f"\n- the same exams, mirroring on: {dice_line(mirroring)}" if mirroring else ""
+    return f"""# Demo nnU-Net v2 model: prostate {"zones" if len(labels) > 1 else "gland"} \
+from T2W + b1000 DWI + ADC
 
 A small nnU-Net v2 model trained on synthetic exams that the prostate-cohort pipeline itself
 made and preprocessed. It is a demo and test model: it has never seen a real exam and must
@@ -689,43 +865,40 @@ not be used on one.
 
 - Inputs (`dataset.json` channels): `T2` = N4-corrected T2W; `HBV` = b1000 DWI on the T2
   grid; `ADC` = ADC in mm²/s on the T2 grid. nnU-Net z-scores each channel per image.
-- Output: label 1 = `gland`.
+- Output: {outputs}.
 - Files: `dataset.json`; `plans.json`, which describes the whole network; and
-  `fold_0/checkpoint_final.pth`, which holds the weights only (no optimizer state).
+  {fold_files}, which hold the weights only (no optimizer state).
   `training.json` is the full training report.
 
 ## How it was made
 
 ```bash
-.venv/bin/prostate-cohort train-demo-model --work /tmp/demo-train
+.venv/bin/prostate-cohort train-demo-model --model {report.get("name", "demo")} \
+--work /tmp/demo-train
 ```
 
-(the same as ``tasks.nnunet_demo.train_demo_model(Path("/tmp/demo-train"))``)
-
-Call: `{report["command"]}`, with the defaults of `DemoRecipe`.
+Call: `{report["command"]}`, with the recipe in `training.json`.
 
 1. Data: `{report["pipeline_command"]}`. Only its preprocessing outputs
    (`*_desc-n4_T2w`, `*_space-T2w_b1000_dwi`, `*_space-T2w_desc-fit_adc`) are used, with
-   the truth `demo-cohort/truth/SYN-*/t2_gland_mask.nii.gz`.
-   - Training: {len(report["train_cases"])} exams, {report["train_cases"][0]} to \
-{report["train_cases"][-1]}.
-   - Held-out validation (fold 0 of `splits_final.json`): {", ".join(report["val_cases"])}.
+   the truth `demo-cohort/truth/SYN-*/{report.get("truth_file", TRUTH_FILES["gland"])}`.
+{split}
 2. Planning and preprocessing: nnU-Net's fingerprint, planner and preprocessing, all in
-   `{report["configuration"]}` with plans `{report["plans"]}`. The planner is an
-   `ExperimentPlanner` subclass with these settings:
-   - U-Net features: {r["base_features"]} to {r["max_features"]}
+   `{report["configuration"]}` with plans `{report["plans"]}`. The planner is a
+   {planner} subclass with these settings:
+   - features: {r["base_features"]} to {r["max_features"]}
    - target spacing (z, y, x): {tuple(r["target_spacing"])} mm
    - memory target: {r["gpu_memory_target_gb"]} GB
 3. Training: nnU-Net's trainer, `{report["trainer"]}`. This is `nnUNetTrainer` with a
    shorter schedule:
    - {r["epochs"]} epochs x {r["iterations_per_epoch"]} iterations = \
-{report["iterations"]} iterations
+{report["iterations"]} iterations per fold
    - initial lr {r["initial_lr"]}
-   - CPU, {r["threads"]} thread(s), seed {r["torch_seed"]}
+   - CPU, {r["threads"]} thread(s) per fold, seed {r["torch_seed"]}
    - mean epoch: {report["mean_epoch_s"]} s
 
-   The subclass changes only the schedule, so the checkpoint names `nnUNetTrainer` as its
-   trainer and nnU-Net's predictor can load it.
+   The subclass changes only the schedule, so the checkpoints name `nnUNetTrainer` as their
+   trainer and nnU-Net's predictor can load them.
 
 Phase times:
 
@@ -733,12 +906,12 @@ Phase times:
 
 Versions: {", ".join(f"{k} {v}" for k, v in report["versions"].items())}.
 {notes}
-## Measured Dice (gland, against the synthetic truth; CPU, {r["threads"]} thread)
+## Measured Dice (against the synthetic truth; CPU, {r["threads"]} thread)
 
-- held-out seed-{report["training_seed"]} exams: {dice_line(report["dice_val"])}
-- unseen seed-0 exams (the demo and test cohort), mirroring off:
-  {dice_line(report["dice_unseen"])}
-- the same exams, mirroring on: {dice_line(report["dice_unseen_mirroring"])}
+- held-out seed-{report["training_seed"]} exams, each with its own fold: \
+{dice_line(report["dice_val"])}
+- unseen seed-0 exams (the demo and test cohort), {len(folds)} fold(s) ensembled, mirroring
+  off: {dice_line(report["dice_unseen"])}{mirror_line}
 
 `training.json` has the Dice of each exam. Training on CPU is seeded but not guaranteed to
 be bit-identical across machines or library versions, so retraining gives a model with a

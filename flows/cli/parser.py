@@ -126,9 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
         "seed-0 exams (see models/demo-nnunet/README.md).",
     )
     train.add_argument("--work", required=True, metavar="DIR", help="scratch folder (~3 GB)")
+    train.add_argument(
+        "--model",
+        choices=["demo", "demo-zones"],
+        default="demo",
+        help="demo: gland, default plans, fold 0; demo-zones: PZ/TZ, ResEnc plans, "
+        "5-fold split with folds 0 and 1 trained",
+    )
     train.add_argument("--cases", type=int, default=24, help="training exams (default 24)")
+    train.add_argument(
+        "--val", type=int, default=2, help="held-out exams of a one-split model (default 2)"
+    )
     train.add_argument("--seed", type=int, default=1000, help="training cohort seed")
-    train.add_argument("--model-dir", metavar="DIR", help="default: models/demo-nnunet")
+    train.add_argument("--model-dir", metavar="DIR", help="default: the model's models/ folder")
+    train.add_argument(
+        "--skip-mirroring-check", action="store_true", help="no Dice with test-time mirroring"
+    )
 
     pseudonym = commands.add_parser(
         "pseudonym",

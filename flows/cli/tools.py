@@ -18,13 +18,16 @@ def config(args: argparse.Namespace, settings: Settings) -> int:
 
 def train_demo_model(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.nnunet_demo import train_demo_model as train
-    from tasks.segment import DEMO_MODEL_DIR
+    from tasks.segment import DEMO_MODELS
 
     report = train(
         Path(args.work),
+        name=args.model,
         n_cases=args.cases,
+        n_val=args.val,
         seed=args.seed,
-        out_dir=Path(args.model_dir) if args.model_dir else DEMO_MODEL_DIR,
+        out_dir=Path(args.model_dir) if args.model_dir else DEMO_MODELS[args.model],
+        check_mirroring=not args.skip_mirroring_check,
     )
     print(json.dumps(report, indent=2, default=str))
     return 0
