@@ -39,8 +39,9 @@ from tasks.pseudonym import pseudonymous_id
 from tasks.registry import SYNTHESIZE
 
 DEMO_DIR = "demo-cohort"
-#: The truth file the demo's masks are compared with (the whole gland on the T2 grid).
-TRUTH_MASK = "t2_gland_mask"
+#: The truth files the demo's masks are compared with, on the T2 grid: ``t2_gland_mask``
+#: (the whole gland) and ``t2_zones`` (1 = PZ, 2 = TZ; compared with zonal models only).
+TRUTH_MASKS = "t2_[gz]*"
 
 
 @step_task(SYNTHESIZE)
@@ -130,12 +131,13 @@ def demo_flow(
 def _against_truth(
     root: Path, results: list[dict[str, Any]], config_file: str | None, output_root: Path
 ) -> dict[str, Any] | None:
-    """The evaluate flow over the exams' true gland masks (None when no patient has a mask)."""
+    """The evaluate flow over the exams' true gland and zone masks (None when no patient has a
+    mask)."""
     if not any(p["status"] == "ok" for p in results):
         return None
     found = evaluate_flow(
         references=[str(root / "truth")],
-        pattern=f"{TRUTH_MASK}*",
+        pattern=TRUTH_MASKS,
         config_file=config_file,
         output_root=str(output_root),
     )

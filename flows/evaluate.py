@@ -9,10 +9,12 @@ stored or needed. A case that cannot be compared (masks on different grids,
 an unreadable file) is reported under ``errors``, naming the reference file, the model and
 the patient; the other cases go on.
 
-What a reference is comes from the first word of its name (:func:`reference_kind`):
+What a reference is comes from the words of its name (:func:`reference_kind`):
 ``gland_*`` (and any other name) is a whole gland, compared with every model's gland (any
-non-zero label); ``zones_*`` is zonal, compared (as the union of its zones) only with models
-that output zones; ``lesion_*`` is never a gland reference. What is left out is listed under
+non-zero label); ``zones_*`` (or ``t2_zones``) is zonal (:data:`REFERENCE_ZONES`: 1 = PZ,
+2 = TZ), compared only with models that output zones: the gland (union of the zones) and
+each zone the model names (``pz``, ``tz``; label ``label_name``); ``lesion_*`` is never a
+gland reference. What is left out is listed under
 ``skipped`` with the reason. A rerun over the same reference folders replaces the earlier
 run's rows for the patients and models it evaluates (another ``--pattern`` included).
 
@@ -60,6 +62,8 @@ from tasks.qc import qc_figure
 EVALUATION_DIR = "evaluation"
 MASK_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 #: Reference kind by the first word of its name (``zones_Yuan23`` -> zones); else gland.
+#: Label values of zonal reference masks (ProstateX / PI-CAI zonal annotations).
+REFERENCE_ZONES = {1: "pz", 2: "tz"}
 REFERENCE_KINDS = {
     "zones": "zones",
     "zone": "zones",
@@ -115,20 +119,24 @@ def find_references(folder: Path, pattern: str = "*") -> list[Reference]:
 
 
 def reference_kind(name: str) -> str:
-    """``gland``, ``zones`` or ``lesion``, from the first word of a reference's name
-    (``gland_Bosma22b``, ``zones_Yuan23``, ``lesion_expert``; words split at ``_ - .``)."""
-    word = re.split(r"[_\-.]", name, maxsplit=1)[0].lower()
-    return REFERENCE_KINDS.get(word, "gland")
+    """``lesion``, ``zones`` or ``gland``, from the words of a reference's name, in that
+    order (``gland_Bosma22b``, ``zones_Yuan23``, ``t2_zones``, ``lesion_expert``; words split
+    at ``_ - .``)."""
+    kinds = {REFERENCE_KINDS.get(w.lower()) for w in re.split(r"[_\-.]", name)}
+    return next((kind for kind in ("lesion", "zones") if kind in kinds), "gland")
 
 
-def outputs_zones(mask_path: str, model: str) -> bool:
-    """Whether a model's mask has several labels (zones), from its JSON sidecar."""
+def model_zones(mask_path: str, model: str) -> dict[str, int]:
+    """``{zone name: label value}`` of a multi-label (zonal) model's mask, from its JSON
+    sidecar; empty for a one-label model."""
     _, sidecar = mask_paths(Path(mask_path).parents[1], model)
     try:
         labels = json.loads(sidecar.read_text()).get("labels", {})
     except (OSError, ValueError):
-        return False
-    return len(labels) > 1
+        return {}
+    if len(labels) < 2:
+        return {}
+    return {str(name).lower(): int(value) for value, name in labels.items()}
 
 
 def _patient_of(session: Session, exam: str, key: str) -> str | None:
@@ -152,8 +160,12 @@ def _t2_of(mask_path: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _evaluate_case(ref: Reference, patient: str, model: str, mask_path: str) -> dict[str, Any]:
-    """Metrics of one model's mask against one reference, plus a QC figure with both.
+def _evaluate_case(
+    ref: Reference, patient: str, model: str, mask_path: str, zones: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Metrics of one model's mask against one reference: the gland, then every zone of
+    ``zones`` (model label values) the reference has (:data:`REFERENCE_ZONES`); the gland's
+    case carries a QC figure with both outlines.
 
     Raises
     ------
@@ -162,8 +174,15 @@ def _evaluate_case(ref: Reference, patient: str, model: str, mask_path: str) -> 
     """
     prediction = sitk.ReadImage(mask_path, sitk.sitkUInt8)
     reference = sitk.ReadImage(str(ref.path), sitk.sitkUInt8)
-    metrics = evaluate_masks(prediction, reference)
-    case = {"patient": patient, "model": model, "reference": ref.name} | metrics
+    keys = {"patient": patient, "model": model, "reference": ref.name}
+    case = keys | {"label_name": "gland"} | evaluate_masks(prediction, reference)
+    per_zone = [
+        keys
+        | {"label_name": name}
+        | evaluate_masks(prediction, reference, label=zones[name], reference_label=value)
+        for value, name in REFERENCE_ZONES.items()
+        if name in zones
+    ]
     t2 = _t2_of(mask_path)
     if t2 is not None:
         figure = qc_figure_path(Path(mask_path).parents[1], model, ref.name)
@@ -175,7 +194,7 @@ def _evaluate_case(ref: Reference, patient: str, model: str, mask_path: str) -> 
             title=f"{patient} model {model} vs {ref.name}",
         )
         case["qc"] = str(figure)
-    return case
+    return [case, *per_zone]
 
 
 @flow(name="evaluate", task_runner=SettingsTaskRunner())
@@ -217,14 +236,15 @@ def evaluate_flow(
                 unmatched.append(f"{ref.name}: {ref.path.name} (no processed exam with a mask)")
                 continue
             for model, mask_path in sorted(masks.items()):
-                if kind == "zones" and not outputs_zones(mask_path, model):
+                zones = model_zones(mask_path, model) if kind == "zones" else {}
+                if kind == "zones" and not zones:
                     _count(
                         skipped,
                         f"{ref.name}: zonal, and model {model} outputs the whole gland only",
                     )
                     continue
                 try:
-                    case = _evaluate_case(ref, patient, model, mask_path)
+                    found_cases = _evaluate_case(ref, patient, model, mask_path, zones)
                 except (InputError, RuntimeError) as error:  # RuntimeError: unreadable file
                     problem = getattr(error, "problem", None) or str(error).strip()
                     errors.append(f"{ref.name}: {ref.path} vs {model} mask of {patient}: {problem}")
@@ -234,19 +254,19 @@ def evaluate_flow(
                     failed = {"status": "error", "step": "evaluate", "error": safe}
                     outcomes.append({"patient": patient} | failed)
                     continue
-                cases.append(case)
+                cases.extend(found_cases)
                 outcomes.append({"patient": patient, "status": "ok"})
-                metrics = {k: case[k] for k in METRICS}
                 with session_scope(engine) as session:
-                    record_evaluation_metrics(
-                        session,
-                        patient_pseudo_id=patient,
-                        model=model,
-                        reference=ref.name,
-                        label_name="gland",
-                        metrics=metrics,
-                        pipeline_run_id=ctx.pipeline_run_id,
-                    )
+                    for case in found_cases:
+                        record_evaluation_metrics(
+                            session,
+                            patient_pseudo_id=patient,
+                            model=model,
+                            reference=ref.name,
+                            label_name=case["label_name"],
+                            metrics={k: case[k] for k in METRICS},
+                            pipeline_run_id=ctx.pipeline_run_id,
+                        )
         with session_scope(engine) as session:
             supersede_evaluations(
                 session,
@@ -255,10 +275,15 @@ def evaluate_flow(
                 evaluated={(c["patient"], c["model"]) for c in cases},
             )
         summary = []
-        for model in sorted({c["model"] for c in cases}):
-            for name in sorted({c["reference"] for c in cases if c["model"] == model}):
-                group = [c for c in cases if c["model"] == model and c["reference"] == name]
-                summary.append({"model": model, "reference": name} | summarize(group))
+        groups = dict.fromkeys((c["model"], c["reference"], c["label_name"]) for c in cases)
+        for model, name, label in sorted(groups, key=lambda g: (g[0], g[1], g[2] != "gland")):
+            group = [
+                c
+                for c in cases
+                if (c["model"], c["reference"], c["label_name"]) == (model, name, label)
+            ]
+            labels = {"model": model, "reference": name, "label_name": label}
+            summary.append(labels | summarize(group))
         out = settings.output_root / EVALUATION_DIR
         write_cases_csv(out / "metrics.csv", cases)
         write_summary_csv(out / "summary.csv", summary)

@@ -189,6 +189,7 @@ def test_reference_kinds() -> None:
         "gland"
     ] * 3
     assert reference_kind("zones_HeviAI23") == "zones" and reference_kind("Zone-x") == "zones"
+    assert reference_kind("t2_zones") == "zones" and reference_kind("t2_gland_mask") == "gland"
     assert reference_kind("lesion_expert") == reference_kind("lesions.v2") == "lesion"
 
 
@@ -247,21 +248,22 @@ def test_a_reference_on_another_grid_fails_alone(demo, references: Path, tmp_pat
     assert "SYN-0003.nii.gz" in unreadable
     # ... the database does not: the exam folder's name is never stored
     (summary,) = _rows(
-        out, "SELECT summary FROM pipeline_run WHERE command LIKE 'evaluate %mixed' "
-        "ORDER BY started_at DESC LIMIT 1"
+        out,
+        "SELECT summary FROM pipeline_run WHERE command LIKE 'evaluate %mixed' "
+        "ORDER BY started_at DESC LIMIT 1",
     )
     assert "SYN-000" not in summary["summary"] and "the mixed mask" in summary["summary"]
     assert main(["evaluate", "--reference", str(folder), "--output", str(out)]) == 1
 
 
 def test_a_model_outputs_zones_when_its_mask_has_several_labels(tmp_path: Path) -> None:
-    from flows.evaluate import outputs_zones
+    from flows.evaluate import model_zones
     from flows.segment import mask_paths
 
     exam = tmp_path / "P0123456789ab" / "S0123456789ab"
-    for model, labels in (("zonal", {"1": "pz", "2": "tz"}), ("whole", {"1": "gland"})):
+    for model, labels in (("zonal", {"1": "PZ", "2": "tz"}), ("whole", {"1": "gland"})):
         mask, sidecar = mask_paths(exam, model)
         sidecar.parent.mkdir(parents=True, exist_ok=True)
         sidecar.write_text(json.dumps({"labels": labels}))
-        assert outputs_zones(str(mask), model) is (model == "zonal")
-    assert outputs_zones(str(mask_paths(exam, "missing")[0]), "missing") is False
+        assert model_zones(str(mask), model) == ({"pz": 1, "tz": 2} if model == "zonal" else {})
+    assert model_zones(str(mask_paths(exam, "missing")[0]), "missing") == {}

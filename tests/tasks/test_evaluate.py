@@ -313,3 +313,23 @@ def test_two_gland_references_of_prostatex_0000_agree() -> None:
     pred = sitk.GetArrayFromImage(bosma) > 0
     ref = sitk.GetArrayFromImage(guerbet) > 0
     _assert_matches(metrics, _reference(pred, ref, bosma.GetSpacing()))
+
+
+@pytest.mark.realdata
+@needs_data
+def test_two_zonal_references_of_prostatex_0000_per_zone() -> None:
+    """Per-zone evaluation on real zonal masks (1 = PZ, 2 = TZ): HeviAI23 vs Yuan23, each
+    zone and the gland (union) against the independent implementation on the same voxels."""
+    labels = DATA / "labels" / "ProstateX-0000"
+    hevi = sitk.ReadImage(str(labels / "zones_HeviAI23.nii.gz"))
+    yuan = sitk.ReadImage(str(labels / "zones_Yuan23.nii.gz"))
+    per_label = evaluate_labels(hevi, yuan, {1: "pz", 2: "tz"})
+    assert sorted(per_label) == ["gland", "pz", "tz"]
+    a, b = sitk.GetArrayFromImage(hevi), sitk.GetArrayFromImage(yuan)
+    for name, value in (("pz", 1), ("tz", 2)):
+        assert (a == value).sum() > 1000 and (b == value).sum() > 1000  # both zones present
+        _assert_matches(per_label[name], _reference(a == value, b == value, hevi.GetSpacing()))
+    _assert_matches(per_label["gland"], _reference(a > 0, b > 0, hevi.GetSpacing()))
+    # two independent AI annotations of one exam: close zones, a closer gland
+    assert per_label["gland"]["dice"] > max(per_label["pz"]["dice"], per_label["tz"]["dice"])
+    assert min(per_label["pz"]["dice"], per_label["tz"]["dice"]) > 0.8
