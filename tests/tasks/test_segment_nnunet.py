@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +17,20 @@ import SimpleITK as sitk
 from tasks.errors import InputError
 from tasks.nnunet_demo import dice, ensure_cohort
 from tasks.segment import (
-    DEMO_MODEL_DIR,
+    DEMO_MODELS,
     SegmentationInputs,
     SegmentationParams,
     backends_created,
     get_backend,
 )
-from tasks.segment_nnunet import NnUNetBackend, label_names, map_channels
+from tasks.segment_nnunet import (
+    ADC_UNITS,
+    NnUNetBackend,
+    check_model_folder,
+    label_names,
+    map_channels,
+    model_adc_unit,
+)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 CPU = SegmentationParams(device="cpu", threads=1)
@@ -50,7 +59,7 @@ def unseen_exams(
 def model_copy(tmp_path: Path) -> Path:
     """A writable copy of the demo model folder."""
     target = tmp_path / "model"
-    shutil.copytree(DEMO_MODEL_DIR, target)
+    shutil.copytree(DEMO_MODELS["demo"], target)
     return target
 
 
@@ -100,8 +109,39 @@ def test_backend_is_loaded_once_and_reused(unseen_exams) -> None:
     assert other is not backend and backends_created() == created + 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["demo", "demo-zones"])
+def test_masks_equal_nnunet_predict(spec: str, unseen_exams, tmp_path: Path) -> None:
+    """Our in-process prediction (all folds ensembled, mirroring off) gives exactly the mask
+    of nnU-Net's own command on the same images written as nnU-Net's raw input."""
+    backend = get_backend(spec, CPU)
+    inputs, _ = unseen_exams[0]
+    ours = sitk.GetArrayFromImage(backend.segment(inputs).labels)
+    images = {"t2w": inputs.t2w, "dwi_b1000": inputs.dwi_b1000, "adc": inputs.adc}
+    source, target = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    for index, (_, role) in enumerate(backend.channels):
+        image = sitk.Cast(images[role], sitk.sitkFloat32)
+        if role == "adc":
+            image = image * ADC_UNITS[backend.adc_unit]
+        image.CopyInformation(inputs.t2w)
+        sitk.WriteImage(image, str(source / f"case_{index:04d}.nii.gz"))
+    command = [
+        str(Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"),
+        *("-i", str(source), "-o", str(target), "-m", str(DEMO_MODELS[spec])),
+        *("-f", *map(str, backend.folds), "-chk", "checkpoint_final.pth"),
+        *("-npp", "1", "-nps", "1", "-device", "cpu"),
+        *("--disable_tta", "--disable_progress_bar"),
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(target / "case.nii.gz")))
+    assert len(backend.folds) == (1 if spec == "demo" else 2)
+    assert theirs.shape == ours.shape and len(np.unique(theirs)) > 1
+    assert np.array_equal(theirs, ours)
+
+
 def test_model_hash_covers_the_model_files(model_copy: Path) -> None:
-    original = NnUNetBackend(DEMO_MODEL_DIR, params=CPU)
+    original = NnUNetBackend(DEMO_MODELS["demo"], params=CPU)
     assert NnUNetBackend(model_copy, params=CPU).model_hash == original.model_hash
     _edit_dataset_json(model_copy, description="edited")
     assert NnUNetBackend(model_copy, params=CPU).model_hash != original.model_hash
@@ -151,6 +191,47 @@ def test_wrong_channel_count_is_an_input_error(model_copy: Path) -> None:
     _edit_dataset_json(model_copy, channel_names={"0": "T2", "1": "ADC"})
     with pytest.raises(InputError, match="names 2 channel.* network takes 3"):
         NnUNetBackend(model_copy, params=CPU)
+
+
+def _edit_plans(folder: Path, edit) -> None:
+    path = folder / "plans.json"
+    plans = json.loads(path.read_text())
+    edit(plans)
+    path.write_text(json.dumps(plans))
+
+
+def test_plans_that_do_not_fit_the_checkpoint_fail_at_start(model_copy: Path) -> None:
+    def wider(plans: dict) -> None:
+        kwargs = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+        kwargs["features_per_stage"] = [2 * f for f in kwargs["features_per_stage"]]
+
+    _edit_plans(model_copy, wider)
+    for load in (NnUNetBackend, check_model_folder):
+        with pytest.raises(InputError, match="weights do not fit the network of plans.json") as e:
+            load(model_copy, params=CPU)
+        assert Path(e.value.path) == model_copy / "fold_0" / "checkpoint_final.pth"
+        assert "shape differs (checkpoint vs plans) for" in e.value.problem
+
+
+def test_checkpoint_of_a_configuration_the_plans_lack_fails_at_start(model_copy: Path) -> None:
+    _edit_plans(model_copy, lambda p: p["configurations"].pop("3d_fullres"))
+    with pytest.raises(InputError, match="configuration '3d_fullres', which plans.json lacks"):
+        check_model_folder(model_copy, CPU)
+
+
+def test_adc_unit_from_the_plans_or_the_setting(model_copy: Path) -> None:
+    plans = json.loads((model_copy / "plans.json").read_text())
+    assert model_adc_unit(plans, 2) == "mm2/s"  # the demo model was trained on mm²/s
+    for median, unit in ((1.5e-3, "mm2/s"), (0.9, "1e-3 mm2/s"), (1100.0, "1e-6 mm2/s")):
+        plans["foreground_intensity_properties_per_channel"]["2"]["median"] = median
+        assert model_adc_unit(plans, 2) == unit
+    assert NnUNetBackend(model_copy, params=CPU).adc_unit == "mm2/s"
+    _edit_plans(model_copy, lambda p: p.pop("foreground_intensity_properties_per_channel"))
+    with pytest.raises(InputError, match="ADC unit is unknown"):
+        check_model_folder(model_copy, CPU)
+    picai = CPU.model_copy(update={"adc_unit": "1e-6 mm2/s"})
+    check_model_folder(model_copy, picai)
+    assert NnUNetBackend(model_copy, params=picai).adc_unit == "1e-6 mm2/s"
 
 
 def test_unknown_channel_name_needs_a_channel_map(model_copy: Path) -> None:
