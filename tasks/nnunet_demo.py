@@ -138,6 +138,9 @@ RECIPES: dict[str, DemoRecipe] = {
     "demo-zones": DemoRecipe(planner="resenc", labels="zones", n_splits=5, folds=(0, 1)),
 }
 
+#: Training and held-out exams of each model (a cross-validated model validates on its folds).
+DEFAULT_CASES: dict[str, tuple[int, int]] = {"demo": (24, 2), "demo-zones": (25, 0)}
+
 
 # -- training cases from a pipeline run --------------------------------------------------------
 
@@ -835,7 +838,7 @@ def model_readme(report: dict[str, Any]) -> str:
     notes = f"\n{report['notes']}\n" if report.get("notes") else ""
     outputs = ", ".join(f"{v} = `{k}`" for k, v in labels.items())
     fold_files = ", ".join(f"`fold_{f}/checkpoint_final.pth`" for f in folds)
-    planner = "`nnUNetPlannerResEncM` (residual encoder)" if resenc else "`ExperimentPlanner`"
+    planner = "a `nnUNetPlannerResEncM` (residual encoder)" if resenc else "an `ExperimentPlanner`"
     if r.get("n_splits", 1) == 1:
         split = (
             f"   - Training: {len(report['train_cases'])} exams, {report['train_cases'][0]} to "
@@ -855,6 +858,8 @@ def model_readme(report: dict[str, Any]) -> str:
             )
         )
     mirroring = report.get("dice_unseen_mirroring") or []
+    skip_mirroring = "" if mirroring else " --skip-mirroring-check"
+    holds = "holds" if len(folds) == 1 else "hold"
     mirror_line = f"\n- the same exams, mirroring on: {dice_line(mirroring)}" if mirroring else ""
     return f"""# Demo nnU-Net v2 model: prostate {"zones" if len(labels) > 1 else "gland"} \
 from T2W + b1000 DWI + ADC
@@ -867,13 +872,14 @@ not be used on one.
   grid; `ADC` = ADC in mm²/s on the T2 grid. nnU-Net z-scores each channel per image.
 - Output: {outputs}.
 - Files: `dataset.json`; `plans.json`, which describes the whole network; and
-  {fold_files}, which hold the weights only (no optimizer state).
+  {fold_files}, which {holds} the weights only (no optimizer state).
   `training.json` is the full training report.
 
 ## How it was made
 
 ```bash
 .venv/bin/prostate-cohort train-demo-model --model {report.get("name", "demo")} \
+--cases {len(report["train_cases"])} --val {len(report["val_cases"])}{skip_mirroring} \
 --work /tmp/demo-train
 ```
 
@@ -884,7 +890,7 @@ Call: `{report["command"]}`, with the recipe in `training.json`.
    the truth `demo-cohort/truth/SYN-*/{report.get("truth_file", TRUTH_FILES["gland"])}`.
 {split}
 2. Planning and preprocessing: nnU-Net's fingerprint, planner and preprocessing, all in
-   `{report["configuration"]}` with plans `{report["plans"]}`. The planner is a
+   `{report["configuration"]}` with plans `{report["plans"]}`. The planner is
    {planner} subclass with these settings:
    - features: {r["base_features"]} to {r["max_features"]}
    - target spacing (z, y, x): {tuple(r["target_spacing"])} mm

@@ -133,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="demo: gland, default plans, fold 0; demo-zones: PZ/TZ, ResEnc plans, "
         "5-fold split with folds 0 and 1 trained",
     )
-    train.add_argument("--cases", type=int, default=24, help="training exams (default 24)")
+    train.add_argument("--cases", type=int, help="training exams (default: demo 24, demo-zones 25)")
     train.add_argument(
-        "--val", type=int, default=2, help="held-out exams of a one-split model (default 2)"
+        "--val", type=int, help="held-out exams of a one-split model (default: demo 2, else 0)"
     )
     train.add_argument("--seed", type=int, default=1000, help="training cohort seed")
     train.add_argument("--model-dir", metavar="DIR", help="default: the model's models/ folder")

@@ -17,14 +17,16 @@ def config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def train_demo_model(args: argparse.Namespace, settings: Settings) -> int:
+    from tasks.nnunet_demo import DEFAULT_CASES
     from tasks.nnunet_demo import train_demo_model as train
     from tasks.segment import DEMO_MODELS
 
+    n_cases, n_val = DEFAULT_CASES[args.model]
     report = train(
         Path(args.work),
         name=args.model,
-        n_cases=args.cases,
-        n_val=args.val,
+        n_cases=n_cases if args.cases is None else args.cases,
+        n_val=n_val if args.val is None else args.val,
         seed=args.seed,
         out_dir=Path(args.model_dir) if args.model_dir else DEMO_MODELS[args.model],
         check_mirroring=not args.skip_mirroring_check,
