@@ -53,7 +53,7 @@ def test_models_define_the_expected_tables():
 def test_upgrade_to_head_creates_every_table(db_url):
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0006"
+    assert current_revision(db_url) == head_revision() == "0007"
     assert _tables(db_url) == TABLES | {"alembic_version"}
 
 
@@ -277,3 +277,21 @@ def test_0006_adds_the_qc_metric_table_and_takes_it_away(db_url):
     assert "qc_metric" in _tables(db_url) and _schema_diff(db_url) == []
     downgrade(db_url, "0005")
     assert _tables(db_url) == TABLES - {"qc_metric"} | {"alembic_version"}
+
+
+def test_0007_gives_the_wide_view_model_and_zone_columns(db_url):
+    def view_columns() -> list[str]:
+        engine = make_engine(db_url)
+        with engine.connect() as connection:
+            names = list(connection.exec_driver_sql("SELECT * FROM radiomics_wide").keys())
+        engine.dispose()
+        return names
+
+    upgrade(db_url, "0006")
+    before = view_columns()
+    upgrade(db_url)
+    after = view_columns()
+    assert after[:5] == ["patient", "image", "mask", "model", "zone"]
+    assert [c for c in after if c not in ("model", "zone")] == before
+    downgrade(db_url, "0006")
+    assert view_columns() == before and current_revision(db_url) == "0006"
