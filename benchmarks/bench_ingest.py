@@ -93,9 +93,7 @@ def main() -> None:
         "only the used series, check, write float32 NIfTI + sha256. Baseline = SimpleITK "
         "ImageSeriesReader reading every series with pixels, no checks, nothing written "
         "(it reads the interleaved multi-b DWI as ONE volume mixing b-values, with only a "
-        "warning: fast, and wrong).\n\n"
-        + "\n".join(lines)
-        + "\n"
+        "warning: fast, and wrong).\n\n" + "\n".join(lines) + "\n"
     )
     print("\n".join(lines))
 

@@ -1,15 +1,21 @@
-"""Benchmark: segmentation time per patient, nnU-Net predictor reused vs re-created, mirroring
-on vs off (CPU), and the TAPS baseline, with the Dice of each against the phantom truth.
+"""Benchmark: segmentation time per patient and accuracy, per model and inference setting.
 
-Inputs are synthetic exams of seed 0 preprocessed by our chain
-(``benchmarks/bench_chain.run_chain``): T2, b1000 and ADC on the T2 grid, as the pipeline
-hands them to the backends. "Re-created" builds a new ``NnUNetBackend`` (and so a new
-``nnUNetPredictor`` with the checkpoint loaded) for every patient, as a per-patient script
-or a fresh process per task would; "reused" loads it once (``tasks.segment.get_backend``).
+Models: the demo nnU-Net model (``demo``: default plans, one fold, gland), the users' model
+form (``demo-zones``: residual-encoder plans, two folds ensembled, PZ/TZ; and its fold 0
+alone) and TAPS. Settings: test-time mirroring on/off, sliding-window tile step 0.5 / 1.0,
+CPU threads 1 and 2 (the full matrix at 1 thread; the defaults and TAPS at 2). Every backend
+is loaded once (``load s``) and reused for all patients, as the pipeline's workers do.
+
+Inputs are what the pipeline hands the backends (T2, b1000 and ADC on the T2 grid, made by
+our chain, ``benchmarks/bench_chain.run_chain``): synthetic exams of seed 0 (never trained
+on; Dice against the phantom's gland and zone truth) and, when ``../shared/data`` is
+present, the real exam ProstateX-0000 (time; Dice of TAPS against the reference gland mask
+``gland_Bosma22b``; the demo models have never seen a real exam, so their Dice there is not
+a measure of anything and is not reported).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_segment.py [--patients 3] [--threads 1] [--taps]
+    .venv/bin/python benchmarks/bench_segment.py [--patients 2] [--no-real]
 
 Writes ``benchmarks/results/segment.json`` and ``segment.md``.
 """
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -33,99 +41,195 @@ from bench_chain import load, run_chain, timed  # noqa: E402
 from flows.resources import apply_thread_limits  # noqa: E402
 from phantom.exam import generate_exam  # noqa: E402
 from phantom.plan import plan_exam  # noqa: E402
+from tasks.errors import InputError  # noqa: E402
 from tasks.io import write_json_atomic, write_text_atomic  # noqa: E402
-from tasks.segment import DEMO_MODEL_DIR, SegmentationInputs, SegmentationParams  # noqa: E402
+from tasks.segment import SegmentationInputs, SegmentationParams, model_folder  # noqa: E402
 from tasks.segment_nnunet import NnUNetBackend  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_EXAM = "ProstateX-0000"
+REAL_GLAND = DATA / "labels" / REAL_EXAM / "gland_Bosma22b.nii.gz"
+
+#: (name, model spec, folds, mirroring, tile step, threads)
+VARIANTS: list[tuple[str, str, tuple[int, ...] | None, bool, float, int]] = [
+    *(
+        (f"{spec} {what}", spec, folds, mirror, step, 1)
+        for spec, what, folds in (
+            ("demo", "(fold 0)", None),
+            ("demo-zones", "(folds 0+1)", None),
+        )
+        for mirror, step in ((False, 0.5), (False, 1.0), (True, 0.5))
+    ),
+    ("demo-zones (fold 0 alone)", "demo-zones", (0,), False, 0.5, 1),
+    ("demo (fold 0)", "demo", None, False, 0.5, 2),
+    ("demo-zones (folds 0+1)", "demo-zones", None, False, 0.5, 2),
+]
+TAPS_THREADS = (1, 2)
 
 
-def dice(labels: sitk.Image, truth: sitk.Image) -> float:
-    a = sitk.GetArrayFromImage(labels) > 0
-    b = sitk.GetArrayFromImage(truth) > 0
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean arrays."""
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def accuracy(labels: sitk.Image, names: dict[int, str], truth: dict[str, np.ndarray]) -> dict:
+    """Dice of the gland (all labels) and of each named zone present in ``truth``."""
+    predicted = sitk.GetArrayFromImage(labels)
+    out = {"dice_gland": round(dice(predicted > 0, truth["gland"]), 4)}
+    if len(names) > 1 and "zones" in truth:
+        for value, name in names.items():
+            out[f"dice_{name}"] = round(dice(predicted == value, truth["zones"] == value), 4)
+    return out
+
+
+def synthetic_cases(root: Path, patients: int, threads: int) -> list[dict[str, Any]]:
+    """Seed-0 phantom exams through our chain, with their gland and zone truth."""
+    cases = []
+    for index in range(patients):
+        generated = generate_exam(root / "syn", plan_exam(0, index))
+        images = load(root / "syn" / "dicom", generated.patient_folder + "/", root / "out")
+        grid = run_chain(images, threads)["t2_grid"]
+        gland, zones = (
+            sitk.GetArrayFromImage(sitk.ReadImage(str(generated.truth_dir / name)))
+            for name in ("t2_gland_mask.nii.gz", "t2_zones.nii.gz")
+        )
+        truth = {"gland": gland > 0, "zones": zones}
+        cases.append(
+            {"exam": f"synthetic {index + 1}", "inputs": SegmentationInputs(**grid), "truth": truth}
+        )
+    return cases
+
+
+def real_case(root: Path, threads: int) -> dict[str, Any]:
+    """ProstateX-0000 through our chain, with its reference gland mask."""
+    images = load(DATA / "dicom", REAL_EXAM + "/", root / "real")
+    grid = run_chain(images, threads)["t2_grid"]
+    reference = sitk.ReadImage(str(REAL_GLAND))
+    if reference.GetSize() != grid["t2w"].GetSize():
+        raise RuntimeError(f"{REAL_GLAND.name} is not on {REAL_EXAM}'s T2 grid")
+    truth = {"gland": sitk.GetArrayFromImage(reference) > 0}
+    return {"exam": REAL_EXAM, "inputs": SegmentationInputs(**grid), "truth": truth, "real": True}
+
+
+def run_variant(backend: Any, cases: list[dict[str, Any]], real_dice: bool) -> list[dict]:
+    rows = []
+    for case in cases:
+        try:
+            result, cost = timed(lambda b=backend, c=case: b.segment(c["inputs"]))
+        except InputError as error:  # e.g. TAPS finds no prostate in a phantom exam
+            rows.append({"exam": case["exam"], "error": error.problem})
+            continue
+        row = {"exam": case["exam"], **cost}
+        if not case.get("real") or real_dice:
+            row |= accuracy(result.labels, result.label_names, case["truth"])
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--taps", action="store_true", help="also time the TAPS baseline")
+    parser.add_argument("--patients", type=int, default=2, help="synthetic exams")
+    parser.add_argument("--no-real", action="store_true", help="skip ProstateX-0000")
+    parser.add_argument("--no-taps", action="store_true", help="skip the TAPS rows")
+    parser.add_argument("--note", default="", help="conditions of the run, for segment.md")
     args = parser.parse_args()
-    apply_thread_limits(args.threads)
-    cases = []
+    apply_thread_limits(1)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for index in range(args.patients):
-            generated = generate_exam(root / "syn", plan_exam(0, index))
-            images = load(root / "syn" / "dicom", generated.patient_folder + "/", root / "out")
-            grid = run_chain(images, args.threads)["t2_grid"]
-            cases.append((generated, SegmentationInputs(**grid)))
-        truth = {
-            g.patient_folder: sitk.ReadImage(str(g.truth_dir / "t2_gland_mask.nii.gz"))
-            for g, _ in cases
-        }
-    variants: dict[str, Any] = {}
-    for mirroring in (False, True):
-        params = SegmentationParams(device="cpu", use_mirroring=mirroring, threads=args.threads)
-        name = "mirroring" if mirroring else "no_mirroring"
-        backend, load_cost = timed(lambda p=params: NnUNetBackend(DEMO_MODEL_DIR, params=p))
-        rows = []
-        for generated, inputs in cases:
-            result, cost = timed(lambda b=backend, i=inputs: b.segment(i))
-            rows.append(cost | {"dice": dice(result.labels, truth[generated.patient_folder])})
-        variants[f"reused_{name}"] = {"load": load_cost, "patients": rows}
-        if not mirroring:  # re-created per patient: load + predict each time
-            rows = []
-            for generated, inputs in cases:
+        cases = synthetic_cases(Path(tmp), args.patients, threads=1)
+        real = not args.no_real and DATA.is_dir()
+        if real:
+            cases.append(real_case(Path(tmp), threads=1))
+    variants: list[dict[str, Any]] = []
+    for name, spec, folds, mirroring, step, threads in VARIANTS:
+        apply_thread_limits(threads)
+        params = SegmentationParams(
+            device="cpu",
+            use_mirroring=mirroring,
+            tile_step_size=step,
+            threads=threads,
+            folds=folds,
+        )
+        backend, load_cost = timed(
+            lambda s=spec, p=params: NnUNetBackend(model_folder(s), params=p, name=s)
+        )
+        rows = run_variant(backend, cases, real_dice=False)
+        variants.append(
+            {"name": name, "mirroring": mirroring, "tile_step": step, "threads": threads}
+            | {"load": load_cost, "patients": rows}
+        )
+        print(json.dumps(variants[-1]), flush=True)
+    if not args.no_taps:
+        from tasks.segment_taps import TapsBackend  # noqa: PLC0415
 
-                def fresh(i: SegmentationInputs = inputs, p: SegmentationParams = params) -> Any:
-                    return NnUNetBackend(DEMO_MODEL_DIR, params=p).segment(i)
-
-                result, cost = timed(fresh)
-                rows.append(cost | {"dice": dice(result.labels, truth[generated.patient_folder])})
-            variants["recreated_no_mirroring"] = {"load": None, "patients": rows}
-    if args.taps:
-        from tasks.segment_taps import TapsBackend
-
-        params = SegmentationParams(device="cpu", threads=args.threads)
-        backend, load_cost = timed(lambda: TapsBackend(params=params))
-        rows = []
-        for generated, inputs in cases:
-            result, cost = timed(lambda i=inputs: backend.segment(i))
-            rows.append(cost | {"dice": dice(result.labels, truth[generated.patient_folder])})
-        variants["taps_reused"] = {"load": load_cost, "patients": rows}
-    report = {"threads": args.threads, "patients": args.patients, "variants": variants}
-    print(json.dumps(report, indent=2))
+        for threads in TAPS_THREADS:
+            apply_thread_limits(threads)
+            params = SegmentationParams(device="cpu", threads=threads)
+            backend, load_cost = timed(lambda p=params: TapsBackend(params=p))
+            rows = run_variant(backend, cases, real_dice=True)
+            variants.append(
+                {"name": "taps", "mirroring": None, "tile_step": None, "threads": threads}
+                | {"load": load_cost, "patients": rows}
+            )
+            print(json.dumps(variants[-1]), flush=True)
+    report = {
+        "patients": args.patients,
+        "real_exam": REAL_EXAM if real else None,
+        "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine()},
+        "device": "cpu",
+        "note": args.note,
+        "variants": variants,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / "segment.json", report)
     write_text_atomic(RESULTS / "segment.md", markdown(report))
 
 
-def _mean(rows: list[dict[str, float]], key: str) -> float:
-    return float(np.mean([r[key] for r in rows]))
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return float(np.mean(values)) if values else None
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The table of ``segment.md``: per-patient seconds and Dice, ratios vs reused."""
-    variants = report["variants"]
-    base = _mean(variants["reused_no_mirroring"]["patients"], "wall_s")
+    """``segment.md``: one row per variant; seconds per synthetic and real exam, Dice."""
     lines = [
-        "# Segmentation per patient (CPU)",
+        "# Segmentation per patient: time and accuracy (CPU)",
         "",
-        f"{report['patients']} synthetic exams (seed 0) preprocessed by our chain; "
-        f"{report['threads']} thread(s); demo nnU-Net model (`models/demo-nnunet`).",
+        f"Written by `benchmarks/bench_segment.py`. Inputs: {report['patients']} synthetic "
+        "exams (seed 0, never trained on) and "
+        + (f"the real exam {report['real_exam']}" if report["real_exam"] else "no real exam")
+        + ", each preprocessed by our chain (T2, b1000 and ADC on the T2 grid). Backends are "
+        "loaded once and reused across patients. Seconds are wall time of `segment()` per "
+        "exam; `x` is the ratio to the first row's synthetic time, measured in the same run. "
+        "Dice on the synthetic exams against the phantom truth (gland; PZ and TZ for the "
+        "zonal model); TAPS also against the real exam's reference gland mask.",
         "",
-        "| variant | model load s | wall s / patient | CPU s / patient | x reused, no mirroring "
-        "| mean Dice |",
-        "|---|---|---|---|---|---|",
+        *([f"Conditions: {report['note']}", ""] if report.get("note") else []),
+        "| model (folds) | threads | mirroring | tile step | load s | s / synthetic exam "
+        "| x | s / real exam | Dice gland | Dice PZ | Dice TZ | Dice gland (real) | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, variant in variants.items():
-        load_s = f"{variant['load']['wall_s']:.2f}" if variant["load"] else "(in each patient)"
-        wall = _mean(variant["patients"], "wall_s")
+    base = None
+    for variant in report["variants"]:
+        synthetic = [r for r in variant["patients"] if r["exam"].startswith("synthetic")]
+        real = [r for r in variant["patients"] if not r["exam"].startswith("synthetic")]
+        seconds = _mean(synthetic, "wall_s")
+        failed = [f"{r['exam']}: {r['error']}" for r in variant["patients"] if "error" in r]
+        base = base or seconds
+        step = "-" if variant["tile_step"] is None else f"{variant['tile_step']:.1f}"
+        mirroring = {None: "-", True: "on", False: "off"}[variant["mirroring"]]
         lines.append(
-            f"| {name} | {load_s} | {wall:.2f} | {_mean(variant['patients'], 'cpu_s'):.2f} | "
-            f"{wall / base:.2f} | {_mean(variant['patients'], 'dice'):.3f} |"
+            f"| {variant['name']} | {variant['threads']} | {mirroring} | {step} "
+            f"| {variant['load']['wall_s']:.2f} | {_fmt(seconds, 2)} "
+            f"| {_fmt(None if seconds is None else seconds / base, 2)} "
+            f"| {_fmt(_mean(real, 'wall_s'), 2)} "
+            f"| {_fmt(_mean(synthetic, 'dice_gland'), 3)} | {_fmt(_mean(synthetic, 'dice_pz'), 3)} "
+            f"| {_fmt(_mean(synthetic, 'dice_tz'), 3)} | {_fmt(_mean(real, 'dice_gland'), 3)} "
+            f"| {'; '.join(failed) or '-'} |"
         )
     return "\n".join(lines) + "\n"
 
