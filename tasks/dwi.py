@@ -166,6 +166,7 @@ def noise_floor_value(
         return float(params.floor_sigmas * params.noise_sigma)  # type: ignore[operator]
     lowest = np.asarray(signals)[int(np.argmin(b_values))]
     values = lowest[np.asarray(mask, dtype=bool)] if mask is not None else lowest
+    values = values.astype(np.float64, copy=False)
     if values.size == 0:
         return 0.0
     return float(params.floor_fraction * np.percentile(values, 99.0))
@@ -174,12 +175,18 @@ def noise_floor_value(
 def _weighted_line(
     logs: np.ndarray, b: np.ndarray, weights: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-voxel weighted fit of ``log S = a - b * adc``; returns (a, adc), NaN if singular."""
+    """Per-voxel weighted fit of ``log S = a - b * adc``; returns (a, adc), NaN if singular.
+
+    ``logs`` and ``weights`` are ``[n_b, n_vox]``, ``b`` is ``[n_b, 1]``; the sums over b
+    are matrix products (one pass over the voxels each).
+    """
+    b_row = b[:, 0]
+    weighted_logs = weights * logs
     sw = weights.sum(0)
-    sb = (weights * b).sum(0)
-    sbb = (weights * b * b).sum(0)
-    sy = (weights * logs).sum(0)
-    sby = (weights * b * logs).sum(0)
+    sb = b_row @ weights
+    sbb = (b_row * b_row) @ weights
+    sy = weighted_logs.sum(0)
+    sby = b_row @ weighted_logs
     det = sw * sbb - sb * sb
     with np.errstate(divide="ignore", invalid="ignore"):
         slope = (sw * sby - sb * sy) / det
@@ -245,7 +252,9 @@ def fit_monoexponential(
     InputError
         Mismatched shapes, non-finite signals, or unusable b-values.
     """
-    data = np.asarray(signals, dtype=np.float64)
+    data = np.asarray(signals)
+    if not np.issubdtype(data.dtype, np.floating):
+        data = data.astype(np.float64)
     b_all = np.asarray(b_values, dtype=np.float64)
     if data.ndim < 2 or data.shape[0] != b_all.size:
         raise InputError(f"signals {data.shape} do not match {b_all.size} b-values", step=STEP)
@@ -258,11 +267,14 @@ def fit_monoexponential(
     if inside.shape != shape:
         raise InputError(f"mask {inside.shape} does not match volumes {shape}", step=STEP)
     b = np.asarray(chosen)[:, None]
-    values = data[rows][:, inside]
-    floor = noise_floor_value(data[rows], chosen, params=params, mask=mask)
+    fitted = data[rows]
+    floor = noise_floor_value(fitted, chosen, params=params, mask=mask)
+    # Only voxels whose lowest fitted b is above the floor are fitted; the rest are
+    # background (S0 = ADC = 0), so they are left out of the arithmetic altogether.
+    fit_here = inside & (fitted[0] > np.float64(floor))
+    values = fitted[:, fit_here].astype(np.float64)
     positive_floor = max(floor, np.finfo(np.float64).tiny)
     above = values > floor
-    background = ~above[0]  # the lowest fitted b is at the floor: no signal to fit
     if params.floor_handling == "exclude":
         usable = above & (above.sum(0) >= 2)
         usable[:, ~usable.any(0)] = True  # < 2 usable points: fit clipped signals
@@ -270,14 +282,10 @@ def fit_monoexponential(
         usable = np.ones_like(above)
     log_s0, adc = _fit_log_linear(np.maximum(values, positive_floor), b, usable, params)
     low, high = params.adc_range_mm2_s
-    adc = np.clip(np.nan_to_num(adc, nan=low), low, high)
-    s0 = np.exp(np.nan_to_num(log_s0, nan=-np.inf))
-    s0[background] = 0.0
-    adc[background] = 0.0
     s0_map = np.zeros(shape)
     adc_map = np.zeros(shape)
-    s0_map[inside] = s0
-    adc_map[inside] = adc
+    s0_map[fit_here] = np.exp(np.nan_to_num(log_s0, nan=-np.inf))
+    adc_map[fit_here] = np.clip(np.nan_to_num(adc, nan=low), low, high)
     return s0_map, adc_map
 
 
@@ -311,7 +319,8 @@ def through_origin_adc(signals: np.ndarray, b_values: Sequence[float]) -> np.nda
 
 
 def _stack(images: Mapping[float, sitk.Image]) -> tuple[np.ndarray, list[float], sitk.Image]:
-    """Check one grid; return ``[n_b, z, y, x]`` float64 (ascending b), b-values, reference."""
+    """Check one grid; return ``[n_b, z, y, x]`` (ascending b; the images' pixel type),
+    b-values and the reference image."""
     if len(images) < 1:
         raise InputError("no DWI volumes", step=STEP)
     b_values = sorted(float(b) for b in images)
@@ -331,7 +340,7 @@ def _stack(images: Mapping[float, sitk.Image]) -> tuple[np.ndarray, list[float],
                 hint="resample all b-volumes onto one grid (motion correction) first",
             )
     by_b = {float(b): image for b, image in images.items()}
-    data = np.stack([sitk.GetArrayFromImage(by_b[b]).astype(np.float64) for b in b_values])
+    data = np.stack([sitk.GetArrayViewFromImage(by_b[b]) for b in b_values])
     return data, b_values, reference
 
 
