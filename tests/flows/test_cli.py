@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,21 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("PROSTATE_COHORT_"):
             monkeypatch.delenv(name)
+
+
+def test_help_imports_no_image_or_workflow_library() -> None:
+    """``--help`` parses before importing the command machinery, so it answers at once."""
+    code = (
+        "import sys\n"
+        "from flows.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = ('SimpleITK', 'scipy', 'torch', 'prefect', 'radiomics', 'sqlalchemy', 'itk')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_help_names_every_command(capsys) -> None:
