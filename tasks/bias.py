@@ -7,7 +7,8 @@ voxels, so the field is fitted on a *shrunk* copy of the image inside a foregrou
 the B-spline is then evaluated on the *full-resolution* grid
 (``GetLogBiasFieldAsImage(full_image)``) and divided out. On a 384x384x20 T2 (0.5 mm
 in-plane) this takes seconds instead of many minutes (``benchmarks/bench_preprocess.py``);
-the field is smooth (knots centimetres apart), so fitting it on a 4 mm grid loses nothing.
+the field is smooth (knots centimetres apart), so fitting it on an 8 mm grid loses nothing
+measurable (``benchmarks/bench_n4_grid.py``).
 
 Conventions: images are 3D SimpleITK images in LPS physical space (mm); sizes, spacings and
 shrink factors are in ITK index order (x, y, z); numpy arrays from
@@ -51,17 +52,23 @@ class N4Params(BaseModel, frozen=True, extra="forbid"):
     ----------
     shrink_factors
         Integer shrink per axis (x, y, z) for the fit. ``None`` (default) derives it from
-        ``target_spacing_mm``: ``max(1, floor(target / spacing))`` per axis, i.e. (8, 8, 1)
-        for a 0.5x0.5x3 mm T2 and (2, 2, 1) for a 2x2x3 mm DWI. Fixed factors ignore spacing.
+        ``target_spacing_mm``: ``max(1, floor(target / spacing))`` per axis, i.e. (16, 16, 1)
+        for a 0.5x0.5x3 mm T2 and (4, 4, 1) for a 2x2x3 mm DWI. Fixed factors ignore spacing.
     target_spacing_mm
-        Spacing (mm) the fit grid approaches when ``shrink_factors`` is ``None``. 4 mm gave
-        the same field as 2 mm (T2: r 0.996 both; DWI (2, 2, 1) vs (1, 1, 1): r 0.93-0.99
-        both) at a third to a quarter of the time.
+        Spacing (mm) the fit grid approaches when ``shrink_factors`` is ``None``. The final
+        knots are about 50 mm apart, so an 8 mm grid still puts 6 samples per span: on the
+        phantom it fits the true field as well as 4 mm; on the real exams its field
+        correlates 0.96-0.99 with the 4 mm one, the T2 <-> DWI alignment accepts the same
+        stages, at a fifth of the time; 12 mm loses accuracy
+        (``benchmarks/results/n4_grid.md``).
     iterations
         Maximum iterations per fitting level; its length is the number of levels (the
         B-spline mesh doubles its resolution at each level). Three levels (final knot
         spacing ~50 mm) fitted the synthetic field best (r 0.99 vs 0.85-0.94 with four,
-        which starts to absorb anatomy).
+        which starts to absorb anatomy). On real exams N4 stops at the cap, not at
+        ``convergence_threshold``; 20 per level fitted the phantom as well as 50 in half the
+        time on real exams, but changed ProstateX-0218's accepted T2 <-> DWI stage (affine
+        to rigid), so 50 stays (``benchmarks/results/n4_grid.md``).
     convergence_threshold
         Stop a level when the coefficient of variation of the field change drops below this.
     spline_distance_mm
@@ -94,7 +101,7 @@ class N4Params(BaseModel, frozen=True, extra="forbid"):
     """
 
     shrink_factors: tuple[int, int, int] | None = None
-    target_spacing_mm: float = Field(4.0, gt=0)
+    target_spacing_mm: float = Field(8.0, gt=0)
     iterations: tuple[int, ...] = (50, 50, 50)
     convergence_threshold: float = Field(1e-3, gt=0)
     spline_distance_mm: float | None = Field(300.0, gt=0)
