@@ -61,6 +61,7 @@ from tasks.errors import InputError
 
 STEP = "dwi"
 B_TOLERANCE = 0.5  # s/mm²: an acquired b within this of the target counts as the target
+FIT_CHUNK_VOXELS = 1 << 16  # voxels fitted per vectorised pass
 
 
 class DwiFitParams(BaseModel, frozen=True, extra="forbid"):
@@ -177,16 +178,19 @@ def _weighted_line(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-voxel weighted fit of ``log S = a - b * adc``; returns (a, adc), NaN if singular.
 
-    ``logs`` and ``weights`` are ``[n_b, n_vox]``, ``b`` is ``[n_b, 1]``; the sums over b
-    are matrix products (one pass over the voxels each).
+    ``logs`` and ``weights`` are ``[n_b, n_vox]``, ``b`` is ``[n_b, 1]``; the sums run over
+    the few b-values as whole-row operations (contiguous, no ``[n_b, n_vox]`` temporaries).
     """
-    b_row = b[:, 0]
-    weighted_logs = weights * logs
-    sw = weights.sum(0)
-    sb = b_row @ weights
-    sbb = (b_row * b_row) @ weights
-    sy = weighted_logs.sum(0)
-    sby = b_row @ weighted_logs
+    sw = np.zeros(logs.shape[1:])
+    sb, sbb, sy, sby = (np.zeros_like(sw) for _ in range(4))
+    for row, b_value in enumerate(b[:, 0]):
+        w = weights[row]
+        wy = w * logs[row]
+        sw += w
+        sb += b_value * w
+        sbb += (b_value * b_value) * w
+        sy += wy
+        sby += b_value * wy
     det = sw * sbb - sb * sb
     with np.errstate(divide="ignore", invalid="ignore"):
         slope = (sw * sby - sb * sy) / det
@@ -271,22 +275,37 @@ def fit_monoexponential(
     floor = noise_floor_value(fitted, chosen, params=params, mask=mask)
     # Only voxels whose lowest fitted b is above the floor are fitted; the rest are
     # background (S0 = ADC = 0), so they are left out of the arithmetic altogether.
-    fit_here = inside & (fitted[0] > np.float64(floor))
-    values = fitted[:, fit_here].astype(np.float64)
-    positive_floor = max(floor, np.finfo(np.float64).tiny)
+    fit_here = np.flatnonzero(inside & (fitted[0] > np.float64(floor)))
+    fitted = fitted.reshape(len(rows), -1)
+    low, high = params.adc_range_mm2_s
+    s0_flat = np.zeros(fit_here.size)
+    adc_flat = np.zeros(fit_here.size)
+    # Voxel chunks keep every temporary small (cache-sized, reused by the allocator).
+    for start in range(0, fit_here.size, FIT_CHUNK_VOXELS):
+        chunk = slice(start, start + FIT_CHUNK_VOXELS)
+        log_s0, adc = _fit_voxels(fitted[:, fit_here[chunk]], b, floor, params)
+        s0_flat[chunk] = np.exp(np.nan_to_num(log_s0, nan=-np.inf))
+        adc_flat[chunk] = np.clip(np.nan_to_num(adc, nan=low), low, high)
+    s0_map = np.zeros(shape)
+    adc_map = np.zeros(shape)
+    s0_map.reshape(-1)[fit_here] = s0_flat
+    adc_map.reshape(-1)[fit_here] = adc_flat
+    return s0_map, adc_map
+
+
+def _fit_voxels(
+    signals: np.ndarray, b: np.ndarray, floor: float, params: DwiFitParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log S0, ADC) of ``[n_b, n_vox]`` signals whose lowest b is above ``floor``."""
+    values = signals.astype(np.float64)
     above = values > floor
     if params.floor_handling == "exclude":
         usable = above & (above.sum(0) >= 2)
         usable[:, ~usable.any(0)] = True  # < 2 usable points: fit clipped signals
     else:
         usable = np.ones_like(above)
-    log_s0, adc = _fit_log_linear(np.maximum(values, positive_floor), b, usable, params)
-    low, high = params.adc_range_mm2_s
-    s0_map = np.zeros(shape)
-    adc_map = np.zeros(shape)
-    s0_map[fit_here] = np.exp(np.nan_to_num(log_s0, nan=-np.inf))
-    adc_map[fit_here] = np.clip(np.nan_to_num(adc, nan=low), low, high)
-    return s0_map, adc_map
+    positive_floor = max(floor, np.finfo(np.float64).tiny)
+    return _fit_log_linear(np.maximum(values, positive_floor), b, usable, params)
 
 
 def predict_signal(s0: np.ndarray, adc: np.ndarray, b: float) -> np.ndarray:
