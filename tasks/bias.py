@@ -52,8 +52,8 @@ class N4Params(BaseModel, frozen=True, extra="forbid"):
     ----------
     shrink_factors
         Integer shrink per axis (x, y, z) for the fit. ``None`` (default) derives it from
-        ``target_spacing_mm``: ``max(1, floor(target / spacing))`` per axis, i.e. (16, 16, 1)
-        for a 0.5x0.5x3 mm T2 and (4, 4, 1) for a 2x2x3 mm DWI. Fixed factors ignore spacing.
+        ``target_spacing_mm``: ``max(1, floor(target / spacing))`` per axis, i.e. (16, 16, 2)
+        for a 0.5x0.5x3 mm T2 and (4, 4, 2) for a 2x2x3 mm DWI. Fixed factors ignore spacing.
     target_spacing_mm
         Spacing (mm) the fit grid approaches when ``shrink_factors`` is ``None``. The final
         knots are about 50 mm apart, so an 8 mm grid still puts 6 samples per span: on the
