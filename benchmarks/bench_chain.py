@@ -57,6 +57,7 @@ from tasks.register import (
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_S = 15.0
+REAL_EXAMS = ("ProstateX-0000", "ProstateX-0218")
 
 
 def timed(function: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
@@ -147,7 +148,8 @@ def main() -> None:
         root = Path(tmp)
         exams = []
         if DATA.is_dir():
-            exams.append(load(DATA, "ProstateX-0000/", root / "real"))
+            for name in REAL_EXAMS:
+                exams.append(load(DATA, name + "/", root / name))
         generated = generate_exam(root / "syn", plan_exam(0, 0))
         exams.append(load(root / "syn" / "dicom", generated.patient_folder + "/", root / "out"))
         for images in exams:

@@ -4,17 +4,21 @@ Run by ``bench_cohort.py`` in a child process per variant (``python cohort_chain
 VARIANT MANIFEST OUT``); not meant to be run by hand. One process runs one chain over every
 exam of the manifest, patient after patient, as a pipeline worker (ours) or a researcher's
 script (naive) does; one-off costs (imports, elastix start, loading a model once) are
-measured apart as ``startup``.
+measured apart as ``startup``. Ours passes over the exams ``repeats`` times (the manifest's;
+the worker stays warm, so only the first pass may carry one-off costs) and each exam's
+figures are the median over its passes (``cohort_measure.combine_passes``), every pass kept
+under ``passes``; naive passes once (minutes per exam).
 
 - **ours**: the pipeline's plain functions from ``tasks/`` with the pipeline's defaults
   (``flows.settings.StepSettings()``, ``SegmentationSettings()``, ``tasks/radiomics.yaml``),
-  thread limits as a single pipeline worker on this machine sets them
-  (``ThreadSettings(workers=W).per_worker()`` for the process, 1 thread in the step
-  parameters), the segmentation model loaded once per process (``get_backend``). Model
-  ``auto``: the demo nnU-Net on synthetic exams, TAPS on real ones.
+  thread limits as a pipeline worker sets them (``ThreadSettings(workers=W,
+  threads_per_worker=T).per_worker()``: the manifest's ``threads``, default 1), the
+  segmentation model loaded once per process (``get_backend``). Model ``auto``: the demo
+  nnU-Net on synthetic exams, TAPS on real ones.
 - **naive**: the straightforward script with the same libraries at their defaults and no
   thread settings: SimpleITK curvature anisotropic diffusion at its default time step,
-  SimpleITK N4 at its defaults (full resolution, no mask) on the T2 (DWI not corrected),
+  SimpleITK N4 at its defaults (4 levels x 50 iterations at full resolution, no mask; the
+  manifest's ``naive_n4_iterations`` may cap or skip it) on the T2 (DWI not corrected),
   a new elastix ``ParameterObject`` with elastix's default ``rigid`` / ``affine`` map per
   call (affine: T2 fixed), an unweighted log-linear ADC fit over every acquired b, the
   nnU-Net predictor created per patient with test-time mirroring (nnU-Net's default; TAPS
@@ -37,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cohort_measure import Meter, accuracy, maxrss_mb
+from cohort_measure import Meter, accuracy, combine_passes, maxrss_mb, total
 
 # ------------------------------------------------------------------------------ inputs
 
@@ -80,15 +84,22 @@ def _model_spec(exam: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------- ours
 
 
-def ours_startup(exams: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+def ours_threads(workers: int, threads: int | None) -> int:
+    """Threads of one ours worker: ``threads`` (None: the pipeline's default, cores //
+    workers), checked by ``ThreadSettings`` against the machine's cores."""
+    from flows.settings import ThreadSettings
+
+    return ThreadSettings(workers=workers, threads_per_worker=threads).per_worker()
+
+
+def ours_startup(exams: list[dict[str, Any]], threads: int) -> dict[str, Any]:
     """Thread limits, elastix start and each needed model loaded once (a worker's start)."""
     from flows.resources import apply_thread_limits
     from flows.segment import segmentation_params
-    from flows.settings import SegmentationSettings, StepSettings, ThreadSettings
+    from flows.settings import SegmentationSettings, StepSettings
     from tasks.register import warm_up
     from tasks.segment import get_backend
 
-    threads = ThreadSettings(workers=workers).per_worker()
     apply_thread_limits(threads)
     warm_up(StepSettings().registration)
     params = segmentation_params(SegmentationSettings(), threads)
@@ -97,12 +108,12 @@ def ours_startup(exams: list[dict[str, Any]], workers: int) -> dict[str, Any]:
     return {"threads_per_worker": threads, "segmentation": params.model_dump(mode="json")}
 
 
-def ours_exam(exam: dict[str, Any], meter: Meter, work: Path, workers: int) -> dict[str, Any]:
+def ours_exam(exam: dict[str, Any], meter: Meter, work: Path, threads: int) -> dict[str, Any]:
     """Our chain on one exam; per-step costs and the outputs accuracy is computed from."""
     import SimpleITK as sitk
 
     from flows.segment import RADIOMICS_IMAGES, segmentation_params
-    from flows.settings import SegmentationSettings, StepSettings, ThreadSettings
+    from flows.settings import SegmentationSettings, StepSettings
     from tasks.chain import ChainParams, preprocess_exam
     from tasks.measure import extract_radiomics, load_radiomics_settings, mask_volume_ml
     from tasks.qc import qc_figure
@@ -110,7 +121,6 @@ def ours_exam(exam: dict[str, Any], meter: Meter, work: Path, workers: int) -> d
     from tasks.segment import SegmentationInputs, get_backend
 
     steps = StepSettings()  # the pipeline's defaults
-    threads = ThreadSettings(workers=workers).per_worker()
     costs: dict[str, dict[str, float]] = {}
 
     def step(name: str, function: Callable[[], Any]) -> Any:
@@ -154,6 +164,7 @@ def ours_exam(exam: dict[str, Any], meter: Meter, work: Path, workers: int) -> d
     step("qc", lambda: qc_figure(t2_n4, labels, work / f"{exam['name']}_qc.png"))
     return {
         "model": spec,
+        "segment_gpu": bool(getattr(backend, "uses_gpu", False)),
         "t2_in": t2,
         "t2_n4": t2_n4,
         "t2_field": t2_field,
@@ -319,6 +330,8 @@ def naive_exam(
     adc_native, adc_t2 = step("adc", adc)
     cores = os.cpu_count() or 1
 
+    backends: list[Any] = []
+
     def segment() -> Any:
         if exam["kind"] == "synthetic":
             from tasks.segment_nnunet import NnUNetBackend
@@ -329,6 +342,7 @@ def naive_exam(
             from tasks.segment_taps import TapsBackend
 
             backend = TapsBackend(params=SegmentationParams(device="auto", threads=cores))
+        backends.append(backend)
         inputs = SegmentationInputs(t2w=t2_n4, dwi_b1000=b1000_t2, adc=adc_t2)
         return backend.segment(inputs)
 
@@ -358,6 +372,7 @@ def naive_exam(
     features = step("radiomics", radiomics)
     return {
         "model": "demo, mirroring, per patient" if exam["kind"] == "synthetic" else "taps",
+        "segment_gpu": bool(getattr(backends[0], "uses_gpu", False)),
         "t2_in": t2,
         "t2_n4": t2_n4,
         "t2_field": t2_field,
@@ -388,6 +403,17 @@ def _sizes(images: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _pass(steps: dict[str, dict[str, float]], load: float) -> dict[str, Any]:
+    """One pass over one exam: its steps, its total, its total less ``segment``."""
+    cost = {"steps": steps, "total": total(steps)}
+    cost["total"]["peak_above_start_mb"] = round(
+        cost["total"]["peak_rss_mb"] - steps["ingest"]["start_rss_mb"], 1
+    )
+    cost["excluding_segment"] = total(steps, skip=("segment",))
+    cost["load_average_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    return cost
+
+
 def main(variant: str, manifest_path: str, out_path: str) -> None:
     """Run ``variant`` (``ours`` or ``naive``) over the manifest's exams; write JSON."""
     manifest = json.loads(Path(manifest_path).read_text())
@@ -395,44 +421,54 @@ def main(variant: str, manifest_path: str, out_path: str) -> None:
     work = Path(manifest["work"]) / f"{variant}-{os.getpid()}"
     exams = manifest["exams"]
     if variant == "ours":
-        startup_info, startup = meter.measure(lambda: ours_startup(exams, manifest["workers"]))
+        threads = ours_threads(manifest["workers"], manifest["threads"])
+        repeats = manifest["repeats"]
+        startup_info, startup = meter.measure(lambda: ours_startup(exams, threads))
     else:
+        repeats = 1
         startup_info, startup = meter.measure(naive_startup)
-    rows = []
-    for exam in exams:
-        started = os.getloadavg()[0]
-        if variant == "ours":
-            out = ours_exam(exam, meter, work / exam["name"], manifest["workers"])
-        else:
-            out = naive_exam(exam, meter, work / exam["name"], manifest["naive_n4_iterations"])
-        steps = out["steps"]
-        total = {k: round(sum(s[k] for s in steps.values()), 3) for k in ("wall_s", "cpu_s")}
-        total["peak_rss_mb"] = max(s["peak_rss_mb"] for s in steps.values())
-        total["peak_above_start_mb"] = round(
-            total["peak_rss_mb"] - steps["ingest"]["start_rss_mb"], 1
-        )
-        row = {
-            "exam": exam["name"],
-            "kind": exam["kind"],
-            "model": out["model"],
-            **_sizes(out["images"]),
-            "steps": steps,
-            "total": total,
-            "load_average_1min": [round(started, 2), round(os.getloadavg()[0], 2)],
-            "accuracy": accuracy(exam, out),
-        }
-        if "n4_iterations_run" in out:
-            row["n4_iterations_run"] = out["n4_iterations_run"]
-        rows.append(row)
-        print(f"[{variant}] {exam['name']}: {total}", file=sys.stderr, flush=True)
+    rows: dict[str, dict[str, Any]] = {}
+    passes: dict[str, list[dict[str, Any]]] = {exam["name"]: [] for exam in exams}
+    for index in range(repeats):
+        for exam in exams:
+            load = os.getloadavg()[0]
+            folder = work / f"{exam['name']}-pass{index + 1}"
+            if variant == "ours":
+                out = ours_exam(exam, meter, folder, threads)
+            else:
+                out = naive_exam(exam, meter, folder, manifest["naive_n4_iterations"])
+            cost = _pass(out["steps"], load)
+            passes[exam["name"]].append(cost)
+            if index == 0:  # accuracy once: the outputs do not change between passes
+                rows[exam["name"]] = {
+                    "exam": exam["name"],
+                    "kind": exam["kind"],
+                    "model": out["model"],
+                    "segment_gpu": out["segment_gpu"],
+                    **_sizes(out["images"]),
+                    "accuracy": accuracy(exam, out),
+                }
+                if "n4_iterations_run" in out:
+                    rows[exam["name"]]["n4_iterations_run"] = out["n4_iterations_run"]
+            del out  # free this exam's images before the next one's steps are measured
+            print(
+                f"[{variant}] pass {index + 1}/{repeats} {exam['name']}: {cost['total']}",
+                file=sys.stderr,
+                flush=True,
+            )
+    for name, row in rows.items():
+        row |= combine_passes(passes[name])
+        row["load_average_1min"] = passes[name][0]["load_average_1min"]
+        row["passes"] = passes[name]
     report = {
         "variant": variant,
         "pid": os.getpid(),
         "memory_method": meter.method,
+        "repeats": repeats,
         "startup": startup,
         "startup_info": startup_info,
         "process_peak_rss_mb": round(maxrss_mb(), 1),
-        "exams": rows,
+        "exams": list(rows.values()),
     }
     Path(out_path).write_text(json.dumps(report, indent=1))
 

@@ -6,12 +6,16 @@ Peak memory: ``VmHWM`` after resetting it through ``/proc/self/clear_refs`` befo
 step, so each step's peak is its own; where Linux refuses that reset (or there is no
 /proc), the process's peak so far from ``getrusage`` (``ru_maxrss``), and the report says
 which was used.
+
+Repeated passes over one exam (``--repeats``) are combined by :func:`combine_passes`: the
+MEDIAN wall and CPU time per step and per exam, the LARGEST peak memory.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +89,37 @@ class Meter:
             "start_rss_mb": start_rss,
         }
         return result, {k: round(v, 3) for k, v in cost.items()}
+
+
+def total(steps: dict[str, dict[str, float]], skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """Wall and CPU s summed over ``steps`` (less those in ``skip``); peak RSS: the largest
+    step peak."""
+    kept = [cost for name, cost in steps.items() if name not in skip]
+    out = {k: round(sum(cost[k] for cost in kept), 3) for k in ("wall_s", "cpu_s")}
+    out["peak_rss_mb"] = max(cost["peak_rss_mb"] for cost in kept)
+    return out
+
+
+def _combine(costs: list[dict[str, float]]) -> dict[str, float]:
+    """Median of ``wall_s`` and ``cpu_s``; the largest of every other field (memory)."""
+    return {
+        k: round(statistics.median(c[k] for c in costs), 3)
+        if k in ("wall_s", "cpu_s")
+        else max(c[k] for c in costs)
+        for k in costs[0]
+    }
+
+
+def combine_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One exam's passes (each ``steps``, ``total``, ``excluding_segment``) as one: per step
+    and per exam the median wall / CPU s over the passes and the largest peak RSS."""
+    return {
+        "steps": {
+            name: _combine([p["steps"][name] for p in passes]) for name in passes[0]["steps"]
+        },
+        "total": _combine([p["total"] for p in passes]),
+        "excluding_segment": _combine([p["excluding_segment"] for p in passes]),
+    }
 
 
 # ---------------------------------------------------------------------------- accuracy
