@@ -40,13 +40,9 @@ Usage (from the repository root)::
         [--real-exams 0] [--patients 1] [--repeats 3] [--threads 1]
         [--naive-n4-iterations default|skip|I1,I2,I3,I4] [--no-two-workers] [--quick]
 
-Run time of the default run: NOT measured as a whole. Estimate for the shared 2-core
-machine, from the parts measured separately: 40-70 minutes. Naive about 20-30 minutes (its
-uncapped N4 is several CPU-minutes per exam: 398 s wall / 773 s CPU on SYN-0001's T2 in
-``benchmarks/results/preprocess.md``; TAPS built per exam, about 4 CPU-minutes on
-ProstateX-0218); ours about 20 minutes (3 passes over 3 exams at one thread: about 75 s on
-ProstateX-0000, 30 s on SYN-0001 and, estimated, 4-5 minutes on ProstateX-0218); the
-2-worker pair about 2 minutes. Longer when other jobs share the machine.
+Run time of the default run: 24.2 minutes measured on the shared 2-core machine (both real
+exams, 1 synthetic exam, 3 passes of ours, naive N4 uncapped, the 2-worker pair); TAPS on
+ProstateX-0218 (about 3 minutes at one thread per pass) is most of it.
 
 ``--quick``: ProstateX-0000 and one synthetic exam, one pass, the naive N4 skipped (naive
 times are then lower bounds, and the page says so), no 2-worker run: 4.7 minutes measured
