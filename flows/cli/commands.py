@@ -11,7 +11,9 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 
-from flows.cli import pipeline, results, tools
+import flows.cli.pipeline as pipeline
+import flows.cli.results as results
+import flows.cli.tools as tools
 from flows.cli.pipeline import CohortSource, cohort_source
 from flows.cli.start import RUN_COMMANDS, check_before_work, flow_session, prefect_home
 from flows.settings import Settings, SettingsError, demo_overrides, load_settings
