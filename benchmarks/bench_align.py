@@ -73,6 +73,17 @@ def preprocessed(exam, out: Path) -> tuple[sitk.Image, dict[float, sitk.Image]]:
     return t2, dwi
 
 
+def preprocessed_phantom(work: Path, index: int) -> tuple[Any, sitk.Image, dict[float, sitk.Image]]:
+    """Phantom exam ``index`` of seed 0 (generated under ``work``), then :func:`preprocessed`."""
+    generated = generate_exam(work / "phantom", plan_exam(0, index))
+    (exam,) = [
+        e
+        for e in discover_exams(work / "phantom" / "dicom")
+        if e.folder.startswith(generated.patient_folder + "/")
+    ]
+    return (generated, *preprocessed(exam, work / "phantom-out"))
+
+
 def elastix_default(t2: sitk.Image, dwi_ref: sitk.Image) -> sitk.AffineTransform:
     """elastix's default affine map, fixed = DWI, moving = T2; returned as T2 -> DWI."""
     return sitk.AffineTransform(elastix_default_affine(dwi_ref, t2).GetInverse())
@@ -96,13 +107,7 @@ def scales(transform: sitk.Transform) -> list[float]:
 def phantom_rows(n: int, work: Path, params: RegistrationParams) -> list[dict[str, Any]]:
     rows = []
     for index in range(n):
-        generated = generate_exam(work / "phantom", plan_exam(0, index))
-        (exam,) = [
-            e
-            for e in discover_exams(work / "phantom" / "dicom")
-            if e.folder.startswith(generated.patient_folder + "/")
-        ]
-        t2, dwi = preprocessed(exam, work / "phantom-out")
+        generated, t2, dwi = preprocessed_phantom(work, index)
         registered = register_exam(t2, dwi, params=params)
         ref = registered.moco[min(registered.moco)]
         truth = json.loads(generated.truth_json.read_text())["transforms"]

@@ -30,11 +30,9 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from bench_align import DATA, REAL, preprocessed
+from bench_align import DATA, REAL, preprocessed, preprocessed_phantom
 
 from flows.resources import apply_thread_limits
-from phantom.exam import generate_exam
-from phantom.plan import plan_exam
 from tasks.align import gland_region, similarity
 from tasks.chain import register_exam
 from tasks.discover import discover_exams
@@ -77,13 +75,7 @@ def load_exams(work: Path, phantoms: int) -> list[dict[str, Any]]:
             )
             exams.append({"name": patient, "t2": t2, "dwi": dwi, "gland": gland})
     for index in range(phantoms):
-        generated = generate_exam(work / "phantom", plan_exam(0, index))
-        (exam,) = [
-            e
-            for e in discover_exams(work / "phantom" / "dicom")
-            if e.folder.startswith(generated.patient_folder + "/")
-        ]
-        t2, dwi = preprocessed(exam, work / "phantom-out")
+        generated, t2, dwi = preprocessed_phantom(work, index)
         truth = json.loads(generated.truth_json.read_text())["transforms"]
         exams.append(
             {
