@@ -40,7 +40,7 @@ Usage (from the repository root)::
         [--real-exams 0] [--patients 1] [--repeats 3] [--threads 1]
         [--naive-n4-iterations default|skip|I1,I2,I3,I4] [--no-two-workers] [--quick]
 
-Run time of the default run: 24.2 minutes measured on the shared 2-core machine (both real
+Run time of the default run: 20.6 minutes measured on the shared 2-core machine (both real
 exams, 1 synthetic exam, 3 passes of ours, naive N4 uncapped, the 2-worker pair); TAPS on
 ProstateX-0218 (about 3 minutes at one thread per pass) is most of it.
 
@@ -233,17 +233,27 @@ def kind_summary(ours: list[dict[str, Any]], naive: list[dict[str, Any]]) -> dic
 
 
 def targets(
-    summary: dict[str, Any], kind: str, threads: int, naive_lower_bound: bool
+    summary: dict[str, Any],
+    ours_rows: list[dict[str, Any]],
+    kind: str,
+    threads: int,
+    naive_lower_bound: bool,
 ) -> list[dict[str, Any]]:
     """Issue 18's targets per exam of ``kind`` (real unless none ran; wall time), each with
-    the measured figure and ``met`` (True / False; None where not measured as stated)."""
-    ours_wall = summary["excluding_segment"]["ours"]["wall_s"]
+    the measured figure and ``met`` (True / False; None where not measured as stated).
+
+    The time limit holds for every exam (``ours_rows``: ours' exams of ``kind``, each its
+    median over the passes); the speed-ups are on the mean exam of ``summary``.
+    """
     limit = TARGETS["ours_excluding_segment_max_s"]
+    per_exam = {r["exam"]: r["excluding_segment"]["wall_s"] for r in ours_rows}
     rows = [
         {
-            "target": f"ours excluding segmentation <= {limit:g} s per {kind} exam, one thread",
-            "measured": f"{ours_wall:.1f} s at {threads} thread(s)",
-            "met": (ours_wall <= limit) if threads == 1 else None,
+            "target": f"ours excluding segmentation <= {limit:g} s on every {kind} exam, "
+            "one thread",
+            "measured": ", ".join(f"{name} {s:.1f} s" for name, s in per_exam.items())
+            + f" at {threads} thread(s)",
+            "met": (max(per_exam.values()) <= limit) if threads == 1 else None,
             "note": "" if threads == 1 else "ours did not run at one thread (--threads)",
         }
     ]
@@ -518,7 +528,11 @@ def main() -> None:
         "targets_basis": basis,
         "summary": summary,
         "targets": targets(
-            summary[basis], basis, ours["startup_info"]["threads_per_worker"], n4["lower_bound"]
+            summary[basis],
+            by_kind[basis][0],
+            basis,
+            ours["startup_info"]["threads_per_worker"],
+            n4["lower_bound"],
         ),
         "ours": ours | {"batch": ours_batch},
         "naive": naive | {"batch": naive_batch},
