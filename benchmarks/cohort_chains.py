@@ -16,9 +16,15 @@ under ``passes``; naive passes once (minutes per exam).
   segmentation model loaded once per process (``get_backend``). Model ``auto``: the demo
   nnU-Net on synthetic exams, TAPS on real ones.
 - **naive**: the straightforward script with the same libraries at their defaults and no
-  thread settings: SimpleITK curvature anisotropic diffusion at its default time step,
-  SimpleITK N4 at its defaults (4 levels x 50 iterations at full resolution, no mask; the
-  manifest's ``naive_n4_iterations`` may cap or skip it) on the T2 (DWI not corrected),
+  thread settings: SimpleITK N4 at its defaults (4 levels x 50 iterations at full
+  resolution, no mask; the manifest's ``naive_n4_iterations`` may cap or skip it) on the
+  ingested T2 (DWI not corrected), then SimpleITK curvature anisotropic diffusion of the
+  corrected T2 at the time step ITK's own warning prescribes (min spacing / 2**(dim+1); its
+  default 0.0625 is unstable at 0.5 mm). N4 comes first because, run unmasked on the
+  diffused T2, it corrects nothing: diffusion leaves tiny positive background values, the
+  log intensities span about -100..7, and N4 stops after one iteration per level with a
+  field within 1e-5 of 1 (measured on ProstateX-0000) - a no-op that would flatter the
+  naive time. Run on the ingested T2 it fits a real field (tens of iterations per level),
   a new elastix ``ParameterObject`` with elastix's default ``rigid`` / ``affine`` map per
   call (affine: T2 fixed), an unweighted log-linear ADC fit over every acquired b, the
   nnU-Net predictor created per patient with test-time mirroring (nnU-Net's default; TAPS
@@ -284,20 +290,12 @@ def naive_exam(
     acquired = sorted(dwi)
     b1000, _ = step("b1000", lambda: standardize_b1000(dwi, params=DwiFitParams()))
 
-    def denoise() -> tuple[Any, Any]:
-        diffusion = sitk.CurvatureAnisotropicDiffusionImageFilter()  # time step 0.0625
-        diffusion.SetNumberOfIterations(T2DenoiseParams().iterations)
-        diffusion.SetConductanceParameter(T2DenoiseParams().conductance)
-        return diffusion.Execute(images["t2"]), denoise_dwi(
-            dwi | {1000.0: b1000}, params=SusanParams()
-        )
-
-    t2, dwi_all = step("denoise", denoise)
     levels: dict[int, int] = {}
+    t2_in = images["t2"]
 
     def n4() -> tuple[Any, Any]:
         if n4_iterations == "skip":  # --quick: the T2 goes on uncorrected
-            return t2, None
+            return t2_in, None
         n4_filter = sitk.N4BiasFieldCorrectionImageFilter()
         if n4_iterations is not None:
             n4_filter.SetMaximumNumberOfIterations(n4_iterations)
@@ -307,10 +305,21 @@ def naive_exam(
             levels[level] = levels.get(level, 0) + 1
 
         n4_filter.AddCommand(sitk.sitkIterationEvent, count)
-        corrected = n4_filter.Execute(t2)
-        return corrected, sitk.Exp(n4_filter.GetLogBiasFieldAsImage(t2))
+        corrected = n4_filter.Execute(t2_in)
+        return corrected, sitk.Exp(n4_filter.GetLogBiasFieldAsImage(t2_in))
 
-    t2_n4, t2_field = step("n4", n4)
+    t2_corrected, t2_field = step("n4", n4)
+
+    def denoise() -> tuple[Any, Any]:
+        diffusion = sitk.CurvatureAnisotropicDiffusionImageFilter()
+        diffusion.SetTimeStep(min(t2_in.GetSpacing()) / 2 ** (t2_in.GetDimension() + 1))
+        diffusion.SetNumberOfIterations(T2DenoiseParams().iterations)
+        diffusion.SetConductanceParameter(T2DenoiseParams().conductance)
+        return diffusion.Execute(t2_corrected), denoise_dwi(
+            dwi | {1000.0: b1000}, params=SusanParams()
+        )
+
+    t2_n4, dwi_all = step("denoise", denoise)
     low = min(dwi_all)
 
     def register() -> tuple[Any, ...]:
@@ -373,10 +382,11 @@ def naive_exam(
     return {
         "model": "demo, mirroring, per patient" if exam["kind"] == "synthetic" else "taps",
         "segment_gpu": bool(getattr(backends[0], "uses_gpu", False)),
-        "t2_in": t2,
-        "t2_n4": t2_n4,
+        "t2_in": t2_in,
+        "t2_n4": t2_corrected,
         "t2_field": t2_field,
         "n4_iterations_run": [levels[k] for k in sorted(levels)],
+        "n4_field_p1_p99": _field_spread(t2_field, t2_in),
         "rigid": rigid,
         "t2_to_dwi": t2_to_dwi,
         "adc_native": adc_native,
@@ -389,6 +399,19 @@ def naive_exam(
         "images": images,
         "steps": costs,
     }
+
+
+def _field_spread(field: Any, image: Any) -> list[float] | None:
+    """1st and 99th percentile of a multiplicative bias field over the voxels brighter than
+    the image's mean (a crude body mask): how much the correction changed, ~[1, 1] = none."""
+    import SimpleITK as sitk
+
+    if field is None:
+        return None
+    values = sitk.GetArrayViewFromImage(field)
+    intensities = sitk.GetArrayViewFromImage(image)
+    body = values[intensities > intensities.mean()]
+    return [round(float(v), 4) for v in np.percentile(body, [1, 99])]
 
 
 # -------------------------------------------------------------------------------- main
@@ -448,8 +471,9 @@ def main(variant: str, manifest_path: str, out_path: str) -> None:
                     **_sizes(out["images"]),
                     "accuracy": accuracy(exam, out),
                 }
-                if "n4_iterations_run" in out:
-                    rows[exam["name"]]["n4_iterations_run"] = out["n4_iterations_run"]
+                for key in ("n4_iterations_run", "n4_field_p1_p99"):
+                    if key in out:
+                        rows[exam["name"]][key] = out[key]
             del out  # free this exam's images before the next one's steps are measured
             print(
                 f"[{variant}] pass {index + 1}/{repeats} {exam['name']}: {cost['total']}",

@@ -424,7 +424,10 @@ def n4_paragraph(report: dict[str, Any], preprocess_json: Path) -> list[str]:
     """What the naive N4 ran, and whether naive times are lower bounds."""
     n4 = report["naive_n4"]
     runs = [r.get("n4_iterations_run") for r in report["naive"]["exams"]]
+    spread = [r.get("n4_field_p1_p99") for r in report["naive"]["exams"]]
     ran = f" Iterations run per level, per exam: {runs}." if any(runs) else ""
+    if any(spread):
+        ran += f" Its T2 field, 1st/99th percentile in the body, per exam: {spread}."
     if not n4["lower_bound"]:
         return [f"**Naive N4**: {n4['setting']}.{ran}", ""]
     context = ""
