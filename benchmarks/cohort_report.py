@@ -267,10 +267,11 @@ def targets_table(report: dict[str, Any]) -> list[str]:
     lines = [
         f"### Targets (issue 18), per {report['targets_basis']} exam, wall time",
         "",
-        f"Met / not met is computed from the figures above. Ours ran at "
+        "Met / not met is computed from the per-exam figures: a target is met only if it "
+        f"holds on every {report['targets_basis']} exam. Ours ran at "
         f"{report['ours_threads']} thread(s), naive at the libraries' default threads (all "
         f"{report['machine']['cores']} cores here), so the wall ratios compare a one-thread "
-        "worker with the script as it runs; the CPU ratios are in the table above.",
+        "worker with the script as it runs; the CPU ratios are in the notes.",
         "",
         "| target | measured | met? | note |",
         "|---|---|---|---|",
@@ -470,8 +471,10 @@ def markdown(report: dict[str, Any], preprocess_json: Path) -> str:
         f"steps, no Prefect, no database), {report['repeats']} pass(es) over the exams in the "
         "same warm worker: each figure is the median over the passes (peak memory: the "
         "largest). **naive** = one pass of the same libraries at their defaults, no thread "
-        "settings: SimpleITK anisotropic diffusion at its default time step, SimpleITK N4 on "
-        "the T2 at full resolution without a mask (DWI not bias-corrected), a new elastix "
+        "settings: SimpleITK N4 on the ingested T2 at full resolution without a mask (DWI not "
+        "bias-corrected), then SimpleITK anisotropic diffusion of the corrected T2 at the "
+        "stable time step ITK's warning gives (N4 after diffusion corrects nothing: "
+        "`benchmarks/results/naive_n4_order.md`), a new elastix "
         "ParameterObject with elastix's default rigid/affine map per call (affine with the "
         "T2 fixed), an unweighted log-linear ADC over all b, TAPS created per exam on real "
         "exams (nnU-Net created per exam with test-time mirroring on synthetic ones; the "
