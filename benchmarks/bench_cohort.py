@@ -40,9 +40,10 @@ Usage (from the repository root)::
         [--real-exams 0] [--patients 1] [--repeats 3] [--threads 1]
         [--naive-n4-iterations default|skip|I1,I2,I3,I4] [--no-two-workers] [--quick]
 
-Run time of the default run: 20.6 minutes measured on the shared 2-core machine (both real
-exams, 1 synthetic exam, 3 passes of ours, naive N4 uncapped, the 2-worker pair); TAPS on
-ProstateX-0218 (about 3 minutes at one thread per pass) is most of it.
+Run time of the default run: 32.3 minutes measured on the shared 2-core machine (both real
+exams, 1 synthetic exam, 3 passes of ours, naive N4 uncapped, the 2-worker pair); the naive
+N4 (234 s and 483 s on the two real exams) and TAPS on ProstateX-0218 (2.5 minutes at one thread per
+pass) are most of it.
 
 ``--quick``: ProstateX-0000 and one synthetic exam, one pass, the naive N4 skipped (naive
 times are then lower bounds, and the page says so), no 2-worker run: 4.7 minutes measured

@@ -23,8 +23,9 @@ under ``passes``; naive passes once (minutes per exam).
   default 0.0625 is unstable at 0.5 mm). N4 comes first because, run unmasked on the
   diffused T2, it corrects nothing: diffusion leaves tiny positive background values, the
   log intensities span about -100..7, and N4 stops after one iteration per level with a
-  field within 1e-5 of 1 (measured on ProstateX-0000) - a no-op that would flatter the
-  naive time. Run on the ingested T2 it fits a real field (tens of iterations per level),
+  field of 1.0000 in the body (ProstateX-0000, ``benchmarks/results/naive_n4_order.md``) -
+  a no-op that would flatter the naive time. Run on the ingested T2 it fits a real field
+  (tens of iterations per level);
   a new elastix ``ParameterObject`` with elastix's default ``rigid`` / ``affine`` map per
   call (affine: T2 fixed), an unweighted log-linear ADC fit over every acquired b, the
   nnU-Net predictor created per patient with test-time mirroring (nnU-Net's default; TAPS
