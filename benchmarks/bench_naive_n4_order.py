@@ -4,14 +4,15 @@ SimpleITK's N4 at its true defaults (4 levels x 50 iterations, convergence 0.001
 on the T2 of the real exam ProstateX-0000, one thread, after three preprocessings:
 
 * ``diffused, time step 0.0625``: curvature anisotropic diffusion at SimpleITK's default
-  step (ITK warns it is unstable at this spacing), 5 iterations, conductance 1;
-* ``diffused, stable time step``: the same at min(spacing) / 2**(dim+1);
+  step (ITK warns it is unstable at this spacing), at the pipeline's iterations and
+  conductance (``cohort_chains.default_diffusion``, as the naive script runs it);
+* ``diffused, stable time step``: the same at ``tasks.denoise.stable_time_step``;
 * ``ingested``: the T2 as read, N4 capped at 5 iterations per level so the script stays
   short (the uncapped run is ``bench_cohort.py``'s naive N4).
 
 Per row: iterations run per level, seconds, the range of log intensities N4 fits on, and
 the 1st / 99th percentile of the fitted field over the voxels brighter than the image mean
-(``cohort_chains._field_spread``, the same figure ``bench_cohort.py`` reports). A field at
+(``cohort_chains.field_spread``, the same figure ``bench_cohort.py`` reports). A field at
 [1, 1] corrected nothing.
 
 Usage::
@@ -31,8 +32,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from bench_preprocess import DATA, load_exam
-from cohort_chains import _field_spread
+from cohort_chains import default_diffusion, default_n4, field_spread
 
+from tasks.denoise import stable_time_step
 from tasks.discover import discover_exams
 from tasks.io import write_json_atomic, write_text_atomic
 
@@ -40,40 +42,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 EXAM = "ProstateX-0000"
 
 
-def diffuse(image: sitk.Image, time_step: float | None) -> sitk.Image:
-    """SimpleITK curvature anisotropic diffusion, 5 iterations, conductance 1."""
-    diffusion = sitk.CurvatureAnisotropicDiffusionImageFilter()
-    if time_step is not None:
-        diffusion.SetTimeStep(time_step)
-    diffusion.SetNumberOfIterations(5)
-    diffusion.SetConductanceParameter(1.0)
-    return diffusion.Execute(image)
-
-
-def n4(image: sitk.Image, cap: int | None) -> dict[str, Any]:
+def n4_row(image: sitk.Image, cap: int | None) -> dict[str, Any]:
     """N4 at SimpleITK's defaults (optionally capped per level); what it did."""
-    n4_filter = sitk.N4BiasFieldCorrectionImageFilter()
-    if cap is not None:
-        n4_filter.SetMaximumNumberOfIterations([cap] * 4)
-    levels: dict[int, int] = {}
-
-    def count() -> None:
-        levels[n4_filter.GetCurrentLevel()] = levels.get(n4_filter.GetCurrentLevel(), 0) + 1
-
-    n4_filter.AddCommand(sitk.sitkIterationEvent, count)
     start = time.perf_counter()
-    n4_filter.Execute(image)
+    run = default_n4(image, None if cap is None else [cap] * 4)
     seconds = time.perf_counter() - start
-    field = sitk.Exp(n4_filter.GetLogBiasFieldAsImage(image))
     values = sitk.GetArrayViewFromImage(image)
     log_values = np.log(values[values > 0])
     return {
-        "iterations_run": [levels[k] for k in sorted(levels)],
+        "iterations_run": run["iterations_run"],
         "iteration_cap": cap,
         "seconds": round(seconds, 1),
         "log_intensity_range": [round(float(v), 1) for v in (log_values.min(), log_values.max())],
-        "field_p1_p99": _field_spread(field, image),
-        "last_convergence": round(float(n4_filter.GetCurrentConvergenceMeasurement()), 6),
+        "field_p1_p99": field_spread(run["field"], image),
+        "last_convergence": round(run["last_convergence"], 6),
     }
 
 
@@ -82,11 +64,17 @@ def main() -> None:
     (exam,) = [e for e in discover_exams(DATA) if e.folder.startswith(EXAM + "/")]
     with tempfile.TemporaryDirectory() as tmp:
         t2 = sitk.Cast(load_exam(DATA, exam, Path(tmp))["t2"], sitk.sitkFloat32)
-    stable = min(t2.GetSpacing()) / 2 ** (t2.GetDimension() + 1)
+    stable = stable_time_step(t2.GetSpacing())
     rows = [
-        {"input": "diffused, time step 0.0625", **n4(diffuse(t2, None), None)},
-        {"input": f"diffused, stable time step {stable:g}", **n4(diffuse(t2, stable), None)},
-        {"input": "ingested", **n4(t2, 5)},
+        {
+            "input": "diffused, time step 0.0625",
+            **n4_row(default_diffusion(t2, stable=False), None),
+        },
+        {
+            "input": f"diffused, stable time step {stable:g}",
+            **n4_row(default_diffusion(t2, stable=True), None),
+        },
+        {"input": "ingested", **n4_row(t2, 5)},
     ]
     write_json_atomic(RESULTS / "naive_n4_order.json", {"exam": EXAM, "rows": rows})
     lines = [

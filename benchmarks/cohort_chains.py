@@ -19,7 +19,7 @@ under ``passes``; naive passes once (minutes per exam).
   thread settings: SimpleITK N4 at its defaults (4 levels x 50 iterations at full
   resolution, no mask; the manifest's ``naive_n4_iterations`` may cap or skip it) on the
   ingested T2 (DWI not corrected), then SimpleITK curvature anisotropic diffusion of the
-  corrected T2 at the time step ITK's own warning prescribes (min spacing / 2**(dim+1); its
+  corrected T2 at the time step ITK's own warning prescribes (``stable_time_step``; its
   default 0.0625 is unstable at 0.5 mm). N4 comes first because, run unmasked on the
   diffused T2, it corrects nothing: diffusion leaves tiny positive background values, the
   log intensities span about -100..7, and N4 stops after one iteration per level with a
@@ -272,10 +272,9 @@ def naive_exam(
     ``n4_iterations``: ``None`` = N4's default iterations, a list = that cap per level,
     ``"skip"`` = no N4 (``--quick``).
     """
-    import SimpleITK as sitk
     from radiomics import featureextractor
 
-    from tasks.denoise import SusanParams, T2DenoiseParams, denoise_dwi
+    from tasks.denoise import SusanParams, denoise_dwi
     from tasks.dwi import DwiFitParams, standardize_b1000
     from tasks.measure import mask_volume_ml
     from tasks.segment import DEMO_MODELS, SegmentationInputs, SegmentationParams
@@ -291,32 +290,19 @@ def naive_exam(
     acquired = sorted(dwi)
     b1000, _ = step("b1000", lambda: standardize_b1000(dwi, params=DwiFitParams()))
 
-    levels: dict[int, int] = {}
     t2_in = images["t2"]
+    n4_run: dict[str, Any] = {}
 
     def n4() -> tuple[Any, Any]:
         if n4_iterations == "skip":  # --quick: the T2 goes on uncorrected
             return t2_in, None
-        n4_filter = sitk.N4BiasFieldCorrectionImageFilter()
-        if n4_iterations is not None:
-            n4_filter.SetMaximumNumberOfIterations(n4_iterations)
-
-        def count() -> None:
-            level = n4_filter.GetCurrentLevel()
-            levels[level] = levels.get(level, 0) + 1
-
-        n4_filter.AddCommand(sitk.sitkIterationEvent, count)
-        corrected = n4_filter.Execute(t2_in)
-        return corrected, sitk.Exp(n4_filter.GetLogBiasFieldAsImage(t2_in))
+        n4_run.update(default_n4(t2_in, n4_iterations))
+        return n4_run["corrected"], n4_run["field"]
 
     t2_corrected, t2_field = step("n4", n4)
 
     def denoise() -> tuple[Any, Any]:
-        diffusion = sitk.CurvatureAnisotropicDiffusionImageFilter()
-        diffusion.SetTimeStep(min(t2_in.GetSpacing()) / 2 ** (t2_in.GetDimension() + 1))
-        diffusion.SetNumberOfIterations(T2DenoiseParams().iterations)
-        diffusion.SetConductanceParameter(T2DenoiseParams().conductance)
-        return diffusion.Execute(t2_corrected), denoise_dwi(
+        return default_diffusion(t2_corrected, stable=True), denoise_dwi(
             dwi | {1000.0: b1000}, params=SusanParams()
         )
 
@@ -386,8 +372,8 @@ def naive_exam(
         "t2_in": t2_in,
         "t2_n4": t2_corrected,
         "t2_field": t2_field,
-        "n4_iterations_run": [levels[k] for k in sorted(levels)],
-        "n4_field_p1_p99": _field_spread(t2_field, t2_in),
+        "n4_iterations_run": n4_run.get("iterations_run", []),
+        "n4_field_p1_p99": field_spread(t2_field, t2_in),
         "rigid": rigid,
         "t2_to_dwi": t2_to_dwi,
         "adc_native": adc_native,
@@ -402,7 +388,48 @@ def naive_exam(
     }
 
 
-def _field_spread(field: Any, image: Any) -> list[float] | None:
+def default_n4(image: Any, iterations: list[int] | None = None) -> dict[str, Any]:
+    """SimpleITK's N4 at its defaults (4 levels x 50 iterations at full resolution, no
+    mask; ``iterations`` caps it per level): ``corrected``, ``field`` (multiplicative),
+    ``iterations_run`` per level and the ``last_convergence`` measure."""
+    import SimpleITK as sitk
+
+    n4_filter = sitk.N4BiasFieldCorrectionImageFilter()
+    if iterations is not None:
+        n4_filter.SetMaximumNumberOfIterations(iterations)
+    levels: dict[int, int] = {}
+
+    def count() -> None:
+        level = n4_filter.GetCurrentLevel()
+        levels[level] = levels.get(level, 0) + 1
+
+    n4_filter.AddCommand(sitk.sitkIterationEvent, count)
+    corrected = n4_filter.Execute(image)
+    return {
+        "corrected": corrected,
+        "field": sitk.Exp(n4_filter.GetLogBiasFieldAsImage(image)),
+        "iterations_run": [levels[k] for k in sorted(levels)],
+        "last_convergence": float(n4_filter.GetCurrentConvergenceMeasurement()),
+    }
+
+
+def default_diffusion(image: Any, *, stable: bool) -> Any:
+    """SimpleITK curvature anisotropic diffusion at the pipeline's iterations and
+    conductance; time step :func:`tasks.denoise.stable_time_step` (``stable``) or
+    SimpleITK's default 0.0625 (unstable below 1 mm voxels in 3D)."""
+    import SimpleITK as sitk
+
+    from tasks.denoise import T2DenoiseParams, stable_time_step
+
+    diffusion = sitk.CurvatureAnisotropicDiffusionImageFilter()
+    if stable:
+        diffusion.SetTimeStep(stable_time_step(image.GetSpacing()))
+    diffusion.SetNumberOfIterations(T2DenoiseParams().iterations)
+    diffusion.SetConductanceParameter(T2DenoiseParams().conductance)
+    return diffusion.Execute(image)
+
+
+def field_spread(field: Any, image: Any) -> list[float] | None:
     """1st and 99th percentile of a multiplicative bias field over the voxels brighter than
     the image's mean (a crude body mask): how much the correction changed, ~[1, 1] = none."""
     import SimpleITK as sitk
